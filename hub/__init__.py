@@ -1,0 +1,1 @@
+"""The issc hub: one asyncio process serving volunteer nodes."""

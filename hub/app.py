@@ -1,0 +1,91 @@
+"""Wires the hub together: store, scheduler, runtime, node server, inbox, outbox, control."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from hub.control import ControlServer
+from hub.inbox import Inbox
+from hub.outbox import Outbox
+from hub.runtime import HubRuntime
+from hub.scheduler import Scheduler, Settings
+from hub.session import NodeSession
+from hub.store import Store
+from issc.config import Address, HubConfig
+from issc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Hub:
+    """One hub process. ``run`` returns when ``stop`` is set or a core loop fails."""
+
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.address: Address | None = None
+        self.runtime: HubRuntime | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop``; raises the error of a core loop that failed."""
+        config = self.config
+        if config.tls is not None:
+            raise ConfigError("tls: not supported by this version of issc-hub yet")
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(config.database_url)
+        await asyncio.to_thread(store.create_schema)
+        snapshot = await asyncio.to_thread(store.load_snapshot)
+        settings = Settings(config.max_attempts, config.offer_timeout, config.lease_window)
+        scheduler = Scheduler(settings, snapshot, now=time.time())
+        log.info(
+            "restored %d waiting tasks, %d live leases, %d projects",
+            scheduler.waiting_count(),
+            len(scheduler.leases),
+            len(scheduler.projects),
+        )
+        inbox = Inbox(config.data_dir / "inbox", store)
+        outbox = Outbox(config.data_dir / "outbox", store)
+        runtime = self.runtime = HubRuntime(config, store, scheduler, inbox, outbox)
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await NodeSession(runtime, reader, writer).serve()
+
+        server = await asyncio.start_server(on_connect, config.listen.host, config.listen.port)
+        host, port = server.sockets[0].getsockname()[:2]
+        self.address = Address(host, port)
+        control = ControlServer(runtime, config.control_socket_path, str(self.address))
+        await control.start()
+        addr_file = config.data_dir / "hub.addr"
+        write_atomically(addr_file, f"{self.address}\n")
+        log.info("hub listening on %s; data in %s", self.address, config.data_dir)
+        loops = [
+            asyncio.create_task(runtime.pump(), name="pump"),
+            asyncio.create_task(runtime.export_loop(), name="outbox"),
+            asyncio.create_task(runtime.inbox_loop(), name="inbox"),
+        ]
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([*loops, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            log.info("hub stopping")
+            server.close()
+            for session in list(runtime.sessions.values()):
+                session.close()
+            for task in [*loops, stopper]:
+                task.cancel()
+            await asyncio.gather(*loops, stopper, return_exceptions=True)
+            await control.stop()
+            addr_file.unlink(missing_ok=True)
+            runtime.astore.shutdown()

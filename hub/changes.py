@@ -1,0 +1,77 @@
+"""Durable changes the scheduler asks for; the store applies a batch in one transaction.
+
+Nothing that depends on a change is told to anyone before the batch holding it has
+been committed: the runtime commits, then sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hub.lifecycle import TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseOffered:
+    lease: int
+    task_pk: int
+    node_id: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAccepted:
+    lease: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEnded:
+    """A lease is over; ``outcome`` says why (see LeaseOutcome), ``detail`` adds the reason."""
+
+    lease: int
+    outcome: str
+    detail: str | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskUpdated:
+    task_pk: int
+    state: TaskState
+    attempts: int
+    lease: int | None
+    node_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    """A task reached C or F: its row and its result are written together."""
+
+    task_pk: int
+    state: TaskState
+    attempts: int
+    lease: int | None
+    node_id: str | None
+    volunteer: str | None
+    result: Any
+    error: str | None
+    cpu_seconds: float
+    wall_seconds: float
+    at: float
+
+
+Change = LeaseOffered | LeaseAccepted | LeaseEnded | TaskUpdated | TaskFinished
+
+
+class LeaseOutcome:
+    """The reasons a lease ends, as recorded in the task's history."""
+
+    COMPLETED = "completed"
+    CODE_ERROR = "code_error"
+    OFFER_EXPIRED = "offer_expired"
+    DECLINED = "declined"
+    REFUSED = "bundle_refused"
+    LOST = "lost"
+    SUPERSEDED = "superseded"

@@ -1,0 +1,144 @@
+"""The inbox: project owners drop signed bundles and task files into ``<data_dir>/inbox/``.
+
+Each file, once read, moves to ``inbox/accepted/`` or to ``inbox/rejected/`` beside
+``NAME.error.txt``. Names starting with ``.`` or ending in ``.part`` are still being
+written and are left alone. Content already ingested (by SHA-256) adds nothing.
+Reading, verifying and inserting happen on the store's thread; only the results
+reach the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hub.scheduler import ProjectInfo
+from hub.store import Store
+from hub.taskfile import parse_task_file
+from issc.bundle import verify_self_signed
+from issc.errors import IsscError
+
+log = logging.getLogger(__name__)
+
+MAX_INBOX_FILE = 512 * 1024 * 1024
+TASK_SUFFIXES = (".yaml", ".yml", ".jsonl")
+BUNDLE_SUFFIX = ".issc"
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What one inbox file added: a project version, or tasks of a project."""
+
+    project: ProjectInfo | None = None
+    project_id: int | None = None
+    task_pks: tuple[int, ...] = ()
+
+
+def waiting_files(inbox: Path) -> list[Path]:
+    """Files ready to be read, oldest first."""
+    ready = []
+    for entry in os.scandir(inbox):
+        name = entry.name
+        if (
+            name.startswith(".")
+            or name.endswith(".part")
+            or not entry.is_file(follow_symlinks=False)
+        ):
+            continue
+        ready.append((entry.stat().st_mtime, name))
+    return [inbox / name for _, name in sorted(ready)]
+
+
+class Inbox:
+    """Ingests inbox files; the caller hands what they added to the scheduler."""
+
+    def __init__(self, inbox: Path, store: Store) -> None:
+        self.inbox = inbox
+        self.accepted = inbox / "accepted"
+        self.rejected = inbox / "rejected"
+        self.store = store
+        for directory in (self.inbox, self.accepted, self.rejected):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def scan(self) -> list[Ingested]:
+        """Read every waiting file once (blocking; run on the store's thread)."""
+        return [item for path in waiting_files(self.inbox) if (item := self.ingest(path))]
+
+    def ingest(self, path: Path) -> Ingested | None:
+        """Ingest one file and move it aside; a bad file is rejected, never raised."""
+        try:
+            data = self._read(path)
+            digest = hashlib.sha256(data).hexdigest()
+            seen = self.store.inbox_file(digest)
+            if seen is not None and seen[0] != path.name:
+                raise IsscError(f"same content as {seen[0]}, already ingested; nothing added")
+            result = Ingested() if seen else self._ingest_new(path, data, digest)
+        except IsscError as exc:
+            self._reject(path, str(exc))
+            return None
+        self._move(path, self.accepted)
+        return result
+
+    def _read(self, path: Path) -> bytes:
+        size = path.stat().st_size
+        if size > MAX_INBOX_FILE:
+            raise IsscError(f"file is {size} bytes, over the {MAX_INBOX_FILE}-byte limit")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise IsscError(f"cannot read: {exc.strerror}") from None
+
+    def _ingest_new(self, path: Path, data: bytes, digest: str) -> Ingested:
+        name = path.name
+        now = time.time()
+        if name.endswith(BUNDLE_SUFFIX):
+            manifest = verify_self_signed(path)
+            project, changed = self.store.register_bundle(manifest, digest, data, now)
+            self.store.record_inbox_file(
+                digest, name, "accepted", f"{project.name} v{project.version}"
+            )
+            log.info(
+                "inbox: %s: project %s version %d%s",
+                name,
+                project.name,
+                project.version,
+                "" if changed else " (already registered)",
+            )
+            return Ingested(project=project)
+        if name.endswith(TASK_SUFFIXES):
+            task_file = parse_task_file(name, data)
+            project_id, pks = self.store.add_tasks(
+                task_file.project, task_file.entries, digest, name, now
+            )
+            log.info("inbox: %s: %d tasks for %s", name, len(pks), task_file.project)
+            return Ingested(project_id=project_id, task_pks=tuple(pks))
+        raise IsscError(
+            f"unknown kind of file: expected {BUNDLE_SUFFIX} (bundle) or "
+            f"{', '.join(TASK_SUFFIXES)} (task file)"
+        )
+
+    def _reject(self, path: Path, reason: str) -> None:
+        log.warning("inbox: rejected %s: %s", path.name, reason)
+        target = self._free_name(self.rejected, path.name)
+        note = self.rejected / f"{target.name}.error.txt"
+        tmp = self.rejected / f".{note.name}.tmp"
+        tmp.write_text(f"{path.name}: {reason}\n", encoding="utf-8")
+        os.replace(tmp, note)
+        os.replace(path, target)
+
+    def _move(self, path: Path, directory: Path) -> None:
+        os.replace(path, self._free_name(directory, path.name))
+
+    @staticmethod
+    def _free_name(directory: Path, name: str) -> Path:
+        """``name`` in ``directory``, or ``name.1``, ``name.2``... if it is taken."""
+        candidate = directory / name
+        counter = 0
+        while candidate.exists():
+            counter += 1
+            candidate = directory / f"{name}.{counter}"
+        return candidate

@@ -1,0 +1,139 @@
+"""The hub's tables (SQLAlchemy 2.0 declarative). Times are UNIX seconds (float, UTC)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    owner_key: Mapped[str] = mapped_column(String(128))  # pinned at the first bundle
+    version: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64))  # the current bundle
+    size: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str] = mapped_column(String(16))
+    quorum: Mapped[int] = mapped_column(Integer, default=1)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Bundle(Base):
+    """Every version ever registered, so the history and the bytes stay available."""
+
+    __tablename__ = "bundles"
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Volunteer(Base):
+    __tablename__ = "volunteers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    credit: Mapped[float] = mapped_column(Float, default=0.0)
+    tasks_completed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    volunteer_id: Mapped[int] = mapped_column(ForeignKey("volunteers.id"))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(128), default="")
+    slots: Mapped[int] = mapped_column(Integer, default=0)
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("project_id", "name"),
+        Index("ix_tasks_project_state", "project_id", "state"),
+        Index("ix_tasks_unexported", "exported", "state"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(String(128))  # the owner's task id
+    state: Mapped[str] = mapped_column(String(2), default="NA")
+    input_json: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # live or final lease
+    node_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    volunteer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    exported: Mapped[bool] = mapped_column(Boolean, default=False)  # line in results.jsonl
+    source: Mapped[str] = mapped_column(String(64))  # SHA-256 of the inbox file
+
+
+class Lease(Base):
+    """One offer of a task to a node; the rows of a task are its history."""
+
+    __tablename__ = "leases"
+    __table_args__ = (Index("ix_leases_task", "task_id"), Index("ix_leases_live", "ended_at"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    node_id: Mapped[str] = mapped_column(String(32))
+    offered_at: Mapped[float] = mapped_column(Float)
+    accepted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Result(Base):
+    """An accepted result, keyed by the lease that produced it (so it is recorded once)."""
+
+    __tablename__ = "results"
+    lease_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    result_json: Mapped[str] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cpu_seconds: Mapped[float] = mapped_column(Float)
+    wall_seconds: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class InboxFile(Base):
+    """Every inbox file ever read, by content, so the same file is never ingested twice."""
+
+    __tablename__ = "inbox_files"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[float] = mapped_column(Float)
+
+
+class OutboxFile(Base):
+    """How many bytes of a project's results.jsonl are committed (see hub/outbox.py)."""
+
+    __tablename__ = "outbox_files"
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    committed_size: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,90 @@
+"""The outbox: ``<data_dir>/outbox/<project>/results.jsonl``, one line per finished task.
+
+Exactly once, whatever crashes: lines are appended and fsynced first, then the store
+records, in one transaction, that those tasks are exported and how long the file now
+is. If the hub dies between the two, the next export finds the file longer than the
+recorded size, cuts the unrecorded tail off, and writes those lines again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hub.store import FinishedTask, Store
+
+log = logging.getLogger(__name__)
+BATCH = 5000
+
+
+def result_line(task: FinishedTask) -> dict[str, Any]:
+    """The results.jsonl record of one finished task (its shape is in CONTRACT.md)."""
+    return {
+        "id": task.task_id,
+        "state": task.state,
+        "result": json.loads(task.result_json) if task.result_json is not None else None,
+        "error": task.error,
+        "node": task.node_id,
+        "volunteer": task.volunteer,
+        "attempts": task.attempts,
+        "cpu_seconds": round(task.cpu_seconds, 3),
+        "finished_at": datetime.fromtimestamp(task.finished_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "files": [],
+    }
+
+
+class Outbox:
+    """Writes finished tasks to the outbox. Runs on the store's thread (blocking I/O)."""
+
+    def __init__(self, outbox_dir: Path, store: Store) -> None:
+        self.outbox_dir = outbox_dir
+        self.store = store
+
+    def export(self) -> int:
+        """Write every finished, unexported task; return how many lines were written."""
+        written = 0
+        while batch := self.store.unexported(BATCH):
+            by_project: dict[str, list[FinishedTask]] = defaultdict(list)
+            for task in batch:
+                by_project[task.project].append(task)
+            sizes = self.store.outbox_sizes()
+            for project, tasks in by_project.items():
+                new_size = self._append(project, tasks, sizes.get(project, 0))
+                self.store.mark_exported(project, [t.pk for t in tasks], new_size)
+                written += len(tasks)
+            if len(batch) < BATCH:
+                break
+        return written
+
+    def _append(self, project: str, tasks: list[FinishedTask], committed: int) -> int:
+        directory = self.outbox_dir / project
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "results.jsonl"
+        data = "".join(json.dumps(result_line(t), separators=(", ", ": ")) + "\n" for t in tasks)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size > committed:
+                log.warning(
+                    "%s: dropping %d unrecorded bytes from an interrupted export",
+                    path,
+                    size - committed,
+                )
+                os.ftruncate(fd, committed)
+                size = committed
+            elif size < committed:
+                log.warning("%s: shorter than recorded (moved or truncated by someone?)", path)
+            encoded = data.encode()
+            os.lseek(fd, size, os.SEEK_SET)
+            view = memoryview(encoded)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            return size + len(encoded)
+        finally:
+            os.close(fd)

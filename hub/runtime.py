@@ -1,0 +1,235 @@
+"""The hub's runtime: carries out what the pure scheduler decides.
+
+One pump loop takes every event that arrived since the last round, hands them to the
+scheduler in one call, commits all resulting changes in one transaction, and only
+then sends the messages. Events that arrive while a commit is in flight wait for the
+next round, so commits are grouped naturally: under load one disk sync covers many
+tasks, at rest a single event is committed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hub import scheduler as sched
+from hub.changes import Change, TaskFinished
+from hub.inbox import Inbox
+from hub.outbox import Outbox
+from hub.session import NodeSession
+from hub.store import AsyncStore, Store
+from issc.config import HubConfig
+from issc.protocol import BUNDLE_CHUNK_SIZE, Cancel, Hello, Offer, ResultAck, TaskOffer
+
+log = logging.getLogger(__name__)
+
+TICK = 0.25  # seconds between timer rounds (offer and heartbeat expiry)
+INBOX_POLL = 0.5
+MAX_OFFER_BYTES = 2 * 1024 * 1024  # inputs per offer message, well under the frame limit
+_MESSAGE_TYPES = (
+    sched.SendWelcome,
+    sched.SendOffers,
+    sched.SendCancel,
+    sched.SendResultAck,
+    sched.Disconnect,
+)
+
+
+class HubRuntime:
+    def __init__(
+        self,
+        config: HubConfig,
+        store: Store,
+        scheduler: sched.Scheduler,
+        inbox: Inbox,
+        outbox: Outbox,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.astore = AsyncStore(store)
+        self.scheduler = scheduler
+        self.inbox = inbox
+        self.outbox = outbox
+        self.now = clock
+        self.sessions: dict[str, NodeSession] = {}
+        self.started_at = clock()
+        self._pending: list[sched.Event] = []
+        self._wake = asyncio.Event()
+        self._export_wanted = asyncio.Event()
+        self._bundles: dict[str, bytes] = {}
+        self.tasks_finished = 0
+        self.batches = 0
+
+    # ---- events in --------------------------------------------------------------------
+
+    def submit(self, event: sched.Event) -> None:
+        self._pending.append(event)
+        self._wake.set()
+
+    def attach(self, session: NodeSession, hello: Hello) -> None:
+        assert session.node_id is not None
+        old = self.sessions.get(session.node_id)
+        if old is not None and old is not session:
+            log.info("node %s connected again; closing its old connection", session.node_id)
+            old.close()
+        self.sessions[session.node_id] = session
+        self.submit(
+            sched.NodeJoined(
+                session.node_id,
+                hello.volunteer,
+                tuple(hello.projects),
+                tuple(hello.leases),
+                self.now(),
+            )
+        )
+
+    def detach(self, session: NodeSession) -> None:
+        assert session.node_id is not None
+        if self.sessions.get(session.node_id) is session:
+            del self.sessions[session.node_id]
+            self.submit(sched.NodeLeft(session.node_id, self.now()))
+
+    async def enroll(self, hello: Hello, address: str) -> tuple[str, str]:
+        return await self.astore.call(
+            self.store.enroll_node,
+            hello.volunteer,
+            hello.node_id,
+            hello.node_secret,
+            self.config.registration == "open",
+            address,
+            hello.slots,
+            self.now(),
+        )
+
+    async def bundle_chunk(self, digest: str, offset: int) -> tuple[int, bytes] | None:
+        """(total size, data) of the bundle from ``offset``, or None if there is none."""
+        content = self._bundles.get(digest)
+        if content is None:
+            content = await self.astore.call(self.store.bundle_content, digest)
+            if content is None:
+                return None
+            self._bundles[digest] = content
+        if offset > len(content):
+            return None
+        return len(content), content[offset : offset + BUNDLE_CHUNK_SIZE]
+
+    # ---- the loops --------------------------------------------------------------------
+
+    async def pump(self) -> None:
+        """Feed events to the scheduler, commit, then send; forever."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK)
+            self._wake.clear()
+            events, self._pending = self._pending, []
+            instructions = self.scheduler.handle(*events, sched.Tick(self.now()))
+            await self._carry_out(instructions)
+
+    async def _carry_out(self, instructions: Sequence[sched.Instruction]) -> None:
+        changes: list[Change] = []
+        messages: list[sched.Message] = []
+        for item in instructions:
+            if isinstance(item, _MESSAGE_TYPES):
+                messages.append(item)
+            else:
+                changes.append(item)
+        if changes:
+            # A failure here is fatal on purpose: memory would be ahead of the database.
+            await self.astore.call(self.store.apply, changes)
+            self.batches += 1
+            finished = sum(isinstance(c, TaskFinished) for c in changes)
+            if finished:
+                self.tasks_finished += finished
+                self._export_wanted.set()
+        for message in messages:
+            await self._deliver(message)
+
+    async def _deliver(self, message: sched.Message) -> None:
+        session = self.sessions.get(message.node_id)
+        if session is None:
+            return  # gone: its leases expire on their own
+        match message:
+            case sched.SendWelcome():
+                session.send_welcome(message.resumed)
+            case sched.SendOffers():
+                await self._send_offers(session, message.items)
+            case sched.SendCancel():
+                session.send(Cancel(leases=list(message.leases), reason=message.reason))
+            case sched.SendResultAck():
+                session.send(
+                    ResultAck(lease=message.lease, accepted=message.accepted, reason=message.reason)
+                )
+            case sched.Disconnect():
+                log.warning("node %s: %s; disconnecting", message.node_id, message.reason)
+                session.close()
+
+    async def _send_offers(self, session: NodeSession, items: Sequence[sched.OfferItem]) -> None:
+        payloads = await self.astore.call(self.store.offer_payloads, [i.task_pk for i in items])
+        batch: list[TaskOffer] = []
+        size = 0
+        for item in items:
+            task_id, input_json = payloads[item.task_pk]
+            project = item.project
+            assert project.digest is not None
+            batch.append(
+                TaskOffer(
+                    lease=item.lease,
+                    project=project.name,
+                    task=task_id,
+                    version=project.version,
+                    digest=project.digest,
+                    size=project.size,
+                    input=json.loads(input_json),
+                )
+            )
+            size += len(input_json)
+            if size > MAX_OFFER_BYTES:
+                session.send(Offer(tasks=batch))
+                batch, size = [], 0
+        if batch:
+            session.send(Offer(tasks=batch))
+
+    async def export_loop(self) -> None:
+        """Write finished tasks to the outbox, off the event loop, coalescing requests."""
+        self._export_wanted.set()  # whatever a crash left unexported
+        while True:
+            await self._export_wanted.wait()
+            self._export_wanted.clear()
+            await self.astore.call(self.outbox.export)
+
+    async def inbox_loop(self) -> None:
+        while True:
+            for item in await self.astore.call(self.inbox.scan):
+                if item.project is not None:
+                    self._bundles.pop(item.project.digest or "", None)
+                    self.submit(sched.ProjectUpdated(item.project))
+                if item.project_id is not None and item.task_pks:
+                    self.submit(sched.TasksAdded(item.project_id, item.task_pks))
+            await asyncio.sleep(INBOX_POLL)
+
+    # ---- admin views ------------------------------------------------------------------
+
+    def nodes_view(self) -> list[dict[str, Any]]:
+        out = []
+        for node_id, session in sorted(self.sessions.items()):
+            node = self.scheduler.nodes.get(node_id)
+            out.append(
+                {
+                    "node": node_id,
+                    "volunteer": session.volunteer,
+                    "slots": session.slots,
+                    "leases": len(node.leases) if node else 0,
+                    "address": session.address,
+                    "via": None,
+                    "last_seen_seconds_ago": round(self.now() - node.last_seen, 1)
+                    if node
+                    else None,
+                }
+            )
+        return out

@@ -1,0 +1,285 @@
+"""One node's connection to the hub: a thin loop over the sans-I/O protocol.
+
+Read bytes, feed the protocol, dispatch each message through one table to the
+runtime. Nothing here decides scheduling; nothing here touches the database except
+through the runtime's store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from hub import scheduler as sched
+from issc import __version__
+from issc.errors import IsscError, LocalProtocolError, RemoteProtocolError, StoreError
+from issc.protocol import (
+    CLOSED,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Accept,
+    BundleChunk,
+    BundleRefused,
+    Connection,
+    Decline,
+    Error,
+    ErrorCode,
+    FetchBundle,
+    Goodbye,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    Message,
+    Ready,
+    Result,
+    Role,
+    Welcome,
+)
+
+if TYPE_CHECKING:
+    from hub.runtime import HubRuntime
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+READ_SIZE = 256 * 1024
+MAX_WRITE_BUFFER = 16 * 1024 * 1024  # a node that reads slower than this is dropped
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_NODE_ID_RE = re.compile(r"^n-[0-9a-f]{8}$")
+MAX_SLOTS = 1024
+
+
+class NodeSession:
+    """Serves one TCP connection until it closes. Protocol errors end only this session."""
+
+    def __init__(
+        self, runtime: HubRuntime, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.runtime = runtime
+        self.reader = reader
+        self.writer = writer
+        self.conn = Connection(Role.HUB)
+        peer = writer.get_extra_info("peername")
+        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.node_id: str | None = None
+        self.volunteer = ""
+        self.slots = 0
+        self.node_secret = ""
+        self.closed = False
+        self.handlers: dict[type[Message], Callable[[Any], Awaitable[None] | None]] = {
+            Heartbeat: self._on_heartbeat,
+            Ready: self._on_ready,
+            Accept: self._on_accept,
+            Decline: self._on_decline,
+            BundleRefused: self._on_bundle_refused,
+            FetchBundle: self._on_fetch_bundle,
+            Result: self._on_result,
+            Goodbye: self._on_goodbye,
+            Error: self._on_error,
+        }
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        try:
+            hello = await asyncio.wait_for(self._next_message(), HANDSHAKE_TIMEOUT)
+            if not isinstance(hello, Hello):
+                return
+            if not await self._handshake(hello):
+                return
+            while not self.closed:
+                message = await self._next_message()
+                if message is None:
+                    break
+                handler = self.handlers[type(message)]
+                outcome = handler(message)
+                if outcome is not None:
+                    await outcome
+        except RemoteProtocolError as exc:
+            log.warning("node %s (%s): protocol error: %s", self.node_id, self.address, exc)
+            self._send_error(ErrorCode.PROTOCOL, str(exc))
+        except TimeoutError:
+            log.info("%s: no hello within %s s", self.address, HANDSHAKE_TIMEOUT)
+        except (ConnectionError, OSError) as exc:
+            log.info("node %s (%s): connection lost: %s", self.node_id, self.address, exc)
+        finally:
+            self.close()
+            if self.node_id is not None:
+                self.runtime.detach(self)
+
+    async def _next_message(self) -> Message | None:
+        """The next message, or None at a clean end of the connection."""
+        while True:
+            event = self.conn.next_event()
+            if event is CLOSED:
+                return None
+            if event is not NEED_DATA:
+                assert isinstance(event, Message)
+                return event
+            data = await self.reader.read(READ_SIZE)
+            self.conn.receive_data(data)
+
+    async def _handshake(self, hello: Hello) -> bool:
+        if hello.protocol != PROTOCOL_VERSION:
+            self._send_error(
+                ErrorCode.VERSION, f"hub speaks protocol {PROTOCOL_VERSION}, not {hello.protocol}"
+            )
+            return False
+        problem = _check_hello(hello)
+        if problem:
+            self._send_error(ErrorCode.PROTOCOL, problem)
+            return False
+        try:
+            self.node_id, self.node_secret = await self.runtime.enroll(hello, self.address)
+        except StoreError as exc:
+            self._send_error(ErrorCode.AUTH, str(exc))
+            return False
+        self.volunteer = hello.volunteer
+        self.slots = hello.slots
+        log.info(
+            "node %s of %s joined from %s (%d slots, projects %s)",
+            self.node_id,
+            self.volunteer,
+            self.address,
+            self.slots,
+            ",".join(hello.projects),
+        )
+        self.runtime.attach(self, hello)
+        return True
+
+    # ---- sending ----------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Queue a message; a node that does not keep up with its data is dropped."""
+        if self.closed:
+            return
+        try:
+            self.writer.write(self.conn.send(message))
+        except LocalProtocolError:
+            log.exception("node %s: refused to send %s", self.node_id, type(message).__name__)
+            self.close()
+            return
+        except (ConnectionError, RuntimeError):
+            self.close()
+            return
+        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("node %s: not reading its data; disconnecting", self.node_id)
+            self.close()
+
+    def send_welcome(self, resumed: tuple[int, ...]) -> None:
+        assert self.node_id is not None
+        settings = self.runtime.config
+        self.send(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                node_id=self.node_id,
+                node_secret=self.node_secret,
+                heartbeat_interval=settings.heartbeat_interval,
+                heartbeat_misses=settings.heartbeat_misses,
+                max_frame_size=self.conn.max_frame_size,
+                resumed=list(resumed),
+            )
+        )
+
+    def _send_error(self, code: ErrorCode, message: str) -> None:
+        # The connection is going away anyway: failing to say why must not raise.
+        with contextlib.suppress(IsscError, ConnectionError, RuntimeError):
+            self.writer.write(self.conn.send(Error(code=code, message=message[:2000])))
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+    # ---- handlers ---------------------------------------------------------------------
+
+    @property
+    def _id(self) -> str:
+        assert self.node_id is not None
+        return self.node_id
+
+    def _on_heartbeat(self, message: Heartbeat) -> None:
+        self.runtime.submit(sched.HeartbeatReceived(self._id, self.runtime.now()))
+        self.send(HeartbeatAck())
+
+    def _on_ready(self, message: Ready) -> None:
+        free = min(message.free, MAX_SLOTS)
+        self.runtime.submit(sched.SlotsFree(self._id, free, self.runtime.now()))
+
+    def _on_accept(self, message: Accept) -> None:
+        now = self.runtime.now()
+        self.runtime.submit(sched.OffersAccepted(self._id, tuple(message.leases), now))
+
+    def _on_decline(self, message: Decline) -> None:
+        event = sched.LeasesDeclined(
+            self._id, tuple(message.leases), message.reason[:500], self.runtime.now()
+        )
+        self.runtime.submit(event)
+
+    def _on_bundle_refused(self, message: BundleRefused) -> None:
+        log.warning(
+            "node %s refused bundle %s of %s: %s",
+            self.node_id,
+            message.digest[:12],
+            message.project,
+            message.reason,
+        )
+        reason = f"node {self.node_id} refused bundle {message.digest[:12]}: {message.reason[:500]}"
+        event = sched.BundleRefused(
+            self._id, message.digest, reason, tuple(message.leases), self.runtime.now()
+        )
+        self.runtime.submit(event)
+
+    async def _on_fetch_bundle(self, message: FetchBundle) -> None:
+        chunk = await self.runtime.bundle_chunk(message.digest, message.offset)
+        if chunk is None:
+            raise RemoteProtocolError(
+                f"fetch_bundle: no bundle {message.digest[:16]!r} at offset {message.offset}"
+            )
+        total, data = chunk
+        self.send(BundleChunk(digest=message.digest, offset=message.offset, total=total, data=data))
+
+    def _on_result(self, message: Result) -> None:
+        error = message.error[-4000:] if message.error else message.error
+        event = sched.ResultReceived(
+            self._id,
+            message.lease,
+            message.ok,
+            message.result if message.ok else None,
+            error if not message.ok else None,
+            max(0.0, message.cpu_seconds),
+            max(0.0, message.wall_seconds),
+            self.runtime.now(),
+        )
+        self.runtime.submit(event)
+
+    def _on_goodbye(self, message: Goodbye) -> None:
+        log.info("node %s says goodbye: %s", self.node_id, message.reason[:200])
+        self.close()
+
+    def _on_error(self, message: Error) -> None:
+        log.warning(
+            "node %s reports error %s: %s", self.node_id, message.code, message.message[:500]
+        )
+        self.close()
+
+
+def _check_hello(hello: Hello) -> str | None:
+    """Why a hello is unacceptable, or None."""
+    if not _NAME_RE.match(hello.volunteer):
+        return f"volunteer name {hello.volunteer[:80]!r} is not valid"
+    if hello.node_id is not None and not _NODE_ID_RE.match(hello.node_id):
+        return f"node id {hello.node_id[:80]!r} is not valid"
+    if not 1 <= hello.slots <= MAX_SLOTS:
+        return f"slots must be 1..{MAX_SLOTS}"
+    if len(hello.projects) > 256 or len(hello.leases) > 4 * MAX_SLOTS:
+        return "too many projects or leases"
+    return None
+
+
+SOFTWARE = f"issc-hub/{__version__}"

@@ -1,0 +1,147 @@
+"""Parse and validate task files (YAML and JSONL) from the inbox.
+
+A task file is all or nothing: the first problem rejects the whole file with a
+TaskFileError naming the problem and its line, so an owner never has to guess which
+half of a file made it in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from hub.store import TaskEntry
+from issc.errors import TaskFileError
+
+MAX_TASKS_PER_FILE = 1_000_000
+MAX_INPUT_BYTES = 1024 * 1024  # an input must fit in one frame with room to spare
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # safe as a directory name
+_TASK_KEYS = {"id", "input"}
+_JSONL_KEYS = {"project", "id", "input"}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFile:
+    project: str
+    entries: list[TaskEntry]
+
+
+def parse_task_file(name: str, data: bytes) -> TaskFile:
+    """Parse a ``.yaml``/``.yml`` or ``.jsonl`` file. Raises TaskFileError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskFileError(f"not UTF-8 text (byte {exc.start})") from None
+    if name.endswith(".jsonl"):
+        return _parse_jsonl(text)
+    return _parse_yaml(text)
+
+
+def _check_entry(entry: Any, line: int, keys: set[str], seen: set[str]) -> TaskEntry:
+    if not isinstance(entry, dict):
+        raise TaskFileError("a task must be a mapping with id and input", line)
+    for key in entry:
+        if key not in keys:
+            hint = " (input files arrive with a later version)" if key == "files" else ""
+            raise TaskFileError(f"unknown key {key!r} in task{hint}", line)
+    task_id = entry.get("id")
+    if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
+        raise TaskFileError(
+            f"task id {task_id!r} must be a string of 1-128 letters, digits, '_', '.', '-' "
+            "not starting with '.' or '-'",
+            line,
+        )
+    if task_id in seen:
+        raise TaskFileError(f"duplicate task id {task_id!r} in this file", line)
+    seen.add(task_id)
+    if "input" not in entry:
+        raise TaskFileError(f"task {task_id!r} has no input", line)
+    try:
+        payload = json.dumps(entry["input"], allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise TaskFileError(
+            f"task {task_id!r}: input is not JSON-serialisable: {exc}", line
+        ) from None
+    if len(payload) > MAX_INPUT_BYTES:
+        raise TaskFileError(
+            f"task {task_id!r}: input is {len(payload)} bytes, over the {MAX_INPUT_BYTES} limit",
+            line,
+        )
+    return TaskEntry(task_id, payload, line)
+
+
+def _check_project(project: Any, line: int | None) -> str:
+    if not isinstance(project, str) or not re.match(r"^[a-z0-9][a-z0-9_-]{0,63}$", project):
+        raise TaskFileError(f"project must be a project name, got {project!r}", line)
+    return project
+
+
+def _parse_jsonl(text: str) -> TaskFile:
+    project: str | None = None
+    entries: list[TaskEntry] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise TaskFileError(f"not valid JSON: {exc}", number) from None
+        if not isinstance(obj, dict):
+            raise TaskFileError("each line must be a JSON object", number)
+        line_project = _check_project(obj.get("project"), number)
+        if project is not None and line_project != project:
+            raise TaskFileError(
+                f"project {line_project!r} differs from {project!r} on earlier lines", number
+            )
+        project = line_project
+        entries.append(_check_entry(obj, number, _JSONL_KEYS, seen))
+        if len(entries) > MAX_TASKS_PER_FILE:
+            raise TaskFileError(f"more than {MAX_TASKS_PER_FILE} tasks in one file", number)
+    if project is None:
+        raise TaskFileError("the file holds no tasks")
+    return TaskFile(project, entries)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _parse_yaml(text: str) -> TaskFile:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise TaskFileError(
+            f"not valid YAML: {getattr(exc, 'problem', exc)}", mark.line + 1 if mark else None
+        ) from None
+    if not isinstance(data, dict) or not isinstance(root, yaml.MappingNode):
+        raise TaskFileError("a task file must be a mapping with project and tasks", 1)
+    lines = {key.value: value for key, value in root.value if isinstance(key, yaml.ScalarNode)}
+    for key in data:
+        if key not in ("project", "tasks"):
+            raise TaskFileError(f"unknown top-level key {key!r}", _line(lines.get(key)))
+    project = _check_project(data.get("project"), _line(lines.get("project")))
+    tasks = data.get("tasks")
+    tasks_node = lines.get("tasks")
+    if not isinstance(tasks, list) or not isinstance(tasks_node, yaml.SequenceNode):
+        raise TaskFileError("tasks must be a list", _line(tasks_node))
+    if not tasks:
+        raise TaskFileError("the file holds no tasks", _line(tasks_node))
+    if len(tasks) > MAX_TASKS_PER_FILE:
+        raise TaskFileError(f"more than {MAX_TASKS_PER_FILE} tasks in one file")
+    seen: set[str] = set()
+    entries = [
+        _check_entry(entry, _line(node) or 0, _TASK_KEYS, seen)
+        for entry, node in zip(tasks, tasks_node.value, strict=True)
+    ]
+    return TaskFile(project, entries)
+
+
+def _line(node: yaml.Node | None) -> int | None:
+    return node.start_mark.line + 1 if node is not None else None

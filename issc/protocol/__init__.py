@@ -1,0 +1,104 @@
+"""The issc wire protocol, sans I/O: bytes in, typed events out, bytes to send.
+
+Typical use by a connection loop::
+
+    conn = Connection(Role.HUB)
+    conn.receive_data(chunk)          # b"" at EOF
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            break
+        if event is CLOSED:
+            ...                       # stop
+        handlers[type(event)](event)
+    writer.write(conn.send(Welcome(...)))
+
+docs/protocol.md is the specification.
+"""
+
+from issc.protocol._schema import MAX_INT, MAX_JSON_DEPTH, MAX_LIST_LEN, MAX_STR_LEN
+from issc.protocol.connection import (
+    CLOSED,
+    NEED_DATA,
+    TRANSITIONS,
+    Closed,
+    Connection,
+    Event,
+    NeedData,
+    Role,
+    State,
+    transitions_markdown,
+)
+from issc.protocol.framing import MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from issc.protocol.messages import (
+    BUNDLE_CHUNK_SIZE,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Accept,
+    BundleChunk,
+    BundleRefused,
+    Cancel,
+    Decline,
+    Error,
+    ErrorCode,
+    FetchBundle,
+    Goodbye,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    Message,
+    Offer,
+    Ready,
+    Result,
+    ResultAck,
+    TaskOffer,
+    Welcome,
+    check_field_value,
+    decode_message,
+    encode_message,
+)
+
+__all__ = [
+    "BUNDLE_CHUNK_SIZE",
+    "CLOSED",
+    "MAX_FRAME_SIZE",
+    "MAX_INT",
+    "MAX_JSON_DEPTH",
+    "MAX_LIST_LEN",
+    "MAX_STR_LEN",
+    "MESSAGE_TYPES",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "TRANSITIONS",
+    "Accept",
+    "BundleChunk",
+    "BundleRefused",
+    "Cancel",
+    "Closed",
+    "Connection",
+    "Decline",
+    "Error",
+    "ErrorCode",
+    "Event",
+    "FetchBundle",
+    "FrameDecoder",
+    "Goodbye",
+    "Heartbeat",
+    "HeartbeatAck",
+    "Hello",
+    "Message",
+    "NeedData",
+    "Offer",
+    "Ready",
+    "Result",
+    "ResultAck",
+    "Role",
+    "State",
+    "TaskOffer",
+    "Welcome",
+    "check_field_value",
+    "decode_message",
+    "encode_frame",
+    "encode_message",
+    "transitions_markdown",
+]

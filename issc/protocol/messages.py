@@ -1,0 +1,376 @@
+"""The typed messages of the issc wire protocol, and their msgpack encoding.
+
+Each message is a frozen, slotted dataclass with a ``TAG``. On the wire a message is
+a msgpack map ``{"t": TAG, field: value, ...}`` with exactly the dataclass's fields.
+Decoding is strict because volunteers are untrusted: anything that is not exactly a
+known message with well-typed, bounded fields raises ``RemoteProtocolError`` and is
+never turned into an object. Field rules come from the type annotations (see
+``_schema``), so they cannot drift from the definitions below.
+
+docs/protocol.md describes what each message means.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar, Final, NoReturn, TypeVar
+
+import msgpack
+
+from issc.errors import LocalProtocolError, RemoteProtocolError
+from issc.protocol._schema import SchemaViolation, StructCodec, show, type_name
+
+PROTOCOL_VERSION: Final = 1
+"""The protocol version this code speaks; sent in ``hello`` and ``welcome``."""
+
+BUNDLE_CHUNK_SIZE: Final = 1024 * 1024
+"""Bytes of bundle data the hub puts in one ``bundle_chunk``; far enough below the
+default frame size that the message's other fields always fit beside it."""
+
+
+class ErrorCode(enum.StrEnum):
+    """Values of ``Error.code``. Receivers must accept codes they do not know."""
+
+    PROTOCOL = "protocol"
+    """The peer sent something malformed or not allowed in the current state."""
+    VERSION = "version"
+    """The peer speaks a protocol version we do not."""
+    AUTH = "auth"
+    """Unknown volunteer, bad token, bad node secret, or registration closed."""
+    LIMIT = "limit"
+    """A limit was exceeded: too many connections, slots, or a value out of range."""
+    INTERNAL = "internal"
+    """The sender failed on its own; the peer did nothing wrong and may retry later."""
+
+
+class Message:
+    """Base class of every top-level message; subclasses set ``TAG``."""
+
+    __slots__ = ()
+    TAG: ClassVar[str]
+
+
+_CODECS: dict[str, StructCodec] = {}
+_M = TypeVar("_M", bound=Message)
+
+
+def _register(cls: type[_M]) -> type[_M]:
+    """Add a message class to the registry (applied after @dataclass, which may
+    replace the class when it adds slots)."""
+    if cls.TAG in _CODECS:
+        raise TypeError(f"duplicate message tag {cls.TAG!r}")
+    _CODECS[cls.TAG] = StructCodec(cls, tag=cls.TAG)
+    return cls
+
+
+# ---------------------------------------------------------------- node -> hub
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(Message):
+    """First message of a connection: who the node is and what it offers."""
+
+    TAG: ClassVar[str] = "hello"
+    protocol: int
+    software: str
+    volunteer: str
+    token: str | None
+    node_id: str | None
+    node_secret: str | None
+    projects: list[str]
+    slots: int
+    leases: list[int]  # leases still held: running, or finished and not yet acknowledged
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat(Message):
+    """The node is alive; ``running`` lists the leases it holds."""
+
+    TAG: ClassVar[str] = "heartbeat"
+    running: list[int]
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ready(Message):
+    """The node has ``free`` slots not covered by outstanding offers (replaces, not adds)."""
+
+    TAG: ClassVar[str] = "ready"
+    free: int
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Accept(Message):
+    """The node takes these offered leases (TA -> A; an attempt is counted)."""
+
+    TAG: ClassVar[str] = "accept"
+    leases: list[int]
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decline(Message):
+    """The node gives these offered or running leases back; no attempt is counted."""
+
+    TAG: ClassVar[str] = "decline"
+    leases: list[int]
+    reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BundleRefused(Message):
+    """A bundle failed verification; the offers in ``leases`` each fail an attempt."""
+
+    TAG: ClassVar[str] = "bundle_refused"
+    project: str
+    digest: str
+    reason: str
+    leases: list[int]
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchBundle(Message):
+    """Ask for the bundle with ``digest``, starting at byte ``offset``."""
+
+    TAG: ClassVar[str] = "fetch_bundle"
+    digest: str
+    offset: int
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result(Message):
+    """The outcome of one lease."""
+
+    TAG: ClassVar[str] = "result"
+    lease: int
+    project: str
+    task: str
+    ok: bool
+    result: Any
+    error: str | None
+    cpu_seconds: float
+    wall_seconds: float
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Goodbye(Message):
+    """The node closes the connection on purpose."""
+
+    TAG: ClassVar[str] = "goodbye"
+    reason: str
+
+
+# ---------------------------------------------------------------- hub -> node
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome(Message):
+    """The hub accepts the node; ends the handshake."""
+
+    TAG: ClassVar[str] = "welcome"
+    protocol: int
+    node_id: str
+    node_secret: str
+    heartbeat_interval: float
+    heartbeat_misses: int
+    max_frame_size: int
+    resumed: list[int]  # the hello's leases the hub still honours
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskOffer:
+    """One task inside an ``Offer``; encoded as a map without ``"t"``."""
+
+    lease: int
+    project: str
+    task: str
+    version: int
+    digest: str
+    size: int
+    input: Any
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Offer(Message):
+    """The hub offers tasks; each becomes a TA lease until accepted or declined."""
+
+    TAG: ClassVar[str] = "offer"
+    tasks: list[TaskOffer]
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(Message):
+    """The node must stop these leases and drop their results."""
+
+    TAG: ClassVar[str] = "cancel"
+    leases: list[int]
+    reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BundleChunk(Message):
+    """Bytes ``offset`` .. ``offset + len(data)`` of a bundle of ``total`` bytes."""
+
+    TAG: ClassVar[str] = "bundle_chunk"
+    digest: str
+    offset: int
+    total: int
+    data: bytes
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultAck(Message):
+    """The hub has durably handled a result; the node may forget it."""
+
+    TAG: ClassVar[str] = "result_ack"
+    lease: int
+    accepted: bool
+    reason: str | None
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatAck(Message):
+    """Answer to a heartbeat."""
+
+    TAG: ClassVar[str] = "heartbeat_ack"
+
+
+# ---------------------------------------------------------------- either side
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error(Message):
+    """A fatal problem; the sender closes the connection after sending it."""
+
+    TAG: ClassVar[str] = "error"
+    code: str  # an ErrorCode value, but unknown codes must be tolerated
+    message: str
+
+
+MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
+    {tag: codec.cls for tag, codec in _CODECS.items()}
+)
+"""Every message class by its tag."""
+
+
+# ---------------------------------------------------------------- encoding
+
+
+class _ExtTypeRefused(Exception):
+    """Raised from msgpack's ext_hook; turned into RemoteProtocolError by the caller."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _refuse_ext_type(code: int, data: bytes) -> NoReturn:
+    # Extension types are how msgpack libraries smuggle arbitrary objects in; none of
+    # our messages has one, so any occurrence is refused outright.
+    raise _ExtTypeRefused(code)
+
+
+def encode_message(message: Message) -> bytes:
+    """Validate ``message`` and return its msgpack body (without the frame header).
+
+    Raises:
+        LocalProtocolError: a field has the wrong type or is out of bounds (a bug or
+            an unchecked value on our side; the message names tag and field), or the
+            value cannot be packed.
+    """
+    codec = _CODECS.get(getattr(message, "TAG", ""))
+    if codec is None or type(message) is not codec.cls:
+        raise LocalProtocolError(f"not a registered message: {type(message).__name__}")
+    try:
+        wire = codec.encode(message)
+    except SchemaViolation as violation:
+        raise LocalProtocolError(_describe(codec.tag, violation)) from None
+    try:
+        return msgpack.packb(wire, use_bin_type=True)
+    except (ValueError, TypeError, OverflowError) as exc:  # what packb raises on bad input
+        raise LocalProtocolError(f"{codec.tag}: cannot encode: {exc}") from exc
+
+
+def decode_message(body: bytes) -> Message:
+    """Parse one frame body into a message.
+
+    Raises:
+        RemoteProtocolError: the body is not valid msgpack, contains an extension
+            type, is not a map, has an unknown tag, or has a missing, extra, ill-typed
+            or out-of-bounds field. The message names the tag and the field.
+    """
+    try:
+        wire = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_refuse_ext_type,
+            # timestamp=0 yields Timestamp objects (ext type -1 bypasses ext_hook);
+            # the field checks then refuse them like any other foreign type.
+            timestamp=0,
+        )
+    except _ExtTypeRefused as exc:
+        raise RemoteProtocolError(f"msgpack extension type {exc.code} is not allowed") from None
+    except RecursionError:
+        raise RemoteProtocolError("message nested too deeply to decode") from None
+    except Exception as exc:
+        # msgpack raises a mix of ValueError subclasses, TypeError, UnicodeDecodeError
+        # and its own exceptions for malformed input; all mean the same thing here.
+        raise RemoteProtocolError(f"malformed msgpack body: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(wire, dict):
+        raise RemoteProtocolError(f"message body is a {type_name(wire)}, not a map")
+    tag = wire.get("t")
+    if not isinstance(tag, str):
+        raise RemoteProtocolError(f"message has no string tag 't' (got {show(tag)})")
+    codec = _CODECS.get(tag)
+    if codec is None:
+        raise RemoteProtocolError(f"unknown message tag {show(tag)}")
+    try:
+        message = codec.decode(wire)
+    except SchemaViolation as violation:
+        raise RemoteProtocolError(_describe(tag, violation)) from None
+    assert isinstance(message, Message)  # StructCodec builds codec.cls, a Message
+    return message
+
+
+def _describe(tag: str | None, violation: SchemaViolation) -> str:
+    """``"offer.tasks[0].lease: expected int, got bool"``."""
+    where = violation.where()
+    return f"{tag}.{where}: {violation.problem}" if where else f"{tag}: {violation.problem}"
+
+
+def check_field_value(tag: str, field: str, value: object) -> None:
+    """Check ``value`` against field ``field`` of the message tagged ``tag``.
+
+    The node uses it to vet a task's result before putting it into a ``Result``:
+    a program may print NaN or nest too deeply, and that must become a failed
+    task, not a broken connection.
+
+    Raises:
+        KeyError: no such message or field.
+        LocalProtocolError: the value would be refused (the message says why).
+    """
+    codec = _CODECS[tag].fields[field]
+    try:
+        codec.encode(value)
+    except SchemaViolation as violation:
+        violation.location.append(field)
+        raise LocalProtocolError(_describe(tag, violation)) from None

@@ -1,0 +1,1 @@
+"""The issc node: runs tasks from a hub on a volunteer's machine."""
