@@ -312,7 +312,9 @@ class Scheduler:
                 self._touch(event.node_id, event.now)
             case SlotsFree():
                 if (node := self._touch(event.node_id, event.now)) is not None:
-                    node.demand = max(0, event.free)
+                    # The node counts only what runs; offers still in flight are ours to count.
+                    outstanding = sum(1 for lid in node.leases if not self.leases[lid].accepted)
+                    node.demand = max(0, event.free - outstanding)
             case OffersAccepted():
                 self._accept(event)
             case LeasesDeclined():

@@ -205,7 +205,7 @@ def _load_yaml(path: Path) -> Mapping[str, Any]:
 def load_hub_config(path: Path | None) -> HubConfig:
     """Load a hub config; ``None`` gives the defaults. Raises ConfigError."""
     data = _load_yaml(path) if path else {}
-    r = _Reader(str(path or "<defaults>"), path.parent if path else Path.cwd(), data)
+    r = _Reader(str(path or "<defaults>"), path.parent.resolve() if path else Path.cwd(), data)
     r.reject_unknown(_HUB_KEYS)
     tls = None
     if (t := r.sub("tls")) is not None:
@@ -272,7 +272,7 @@ def _trusted_keys(r: _Reader) -> dict[str, str]:
 
 def load_node_config(path: Path) -> NodeConfig:
     """Load a node config file. Raises ConfigError naming the file and key."""
-    r = _Reader(str(path), path.parent, _load_yaml(path))
+    r = _Reader(str(path), path.parent.resolve(), _load_yaml(path))
     r.reject_unknown(_NODE_KEYS)
     if "volunteer" not in r.data:
         raise r.error("volunteer", "is required")

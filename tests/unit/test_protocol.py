@@ -90,6 +90,29 @@ RESULT = Result(
     wall_seconds=0.5,
 )
 
+OFFER = Offer(
+    tasks=[
+        TaskOffer(
+            lease=11,
+            project="primes",
+            task="r-17",
+            version=3,
+            digest="sha256:ab",
+            size=2048,
+            input={"from": 0, "to": 10000},
+        ),
+        TaskOffer(
+            lease=12,
+            project="primes",
+            task="r-18",
+            version=3,
+            digest="sha256:ab",
+            size=2048,
+            input=[1, "two", 3.0, None, [], {}],
+        ),
+    ]
+)
+
 # One sample per message type; the registry test below fails when a new message
 # is added without one.
 SAMPLES: dict[str, Message] = {
@@ -105,28 +128,7 @@ SAMPLES: dict[str, Message] = {
     "result": RESULT,
     "goodbye": Goodbye(reason="volunteer stopped the node"),
     "welcome": WELCOME,
-    "offer": Offer(
-        tasks=[
-            TaskOffer(
-                lease=11,
-                project="primes",
-                task="r-17",
-                version=3,
-                digest="sha256:ab",
-                size=2048,
-                input={"from": 0, "to": 10000},
-            ),
-            TaskOffer(
-                lease=12,
-                project="primes",
-                task="r-18",
-                version=3,
-                digest="sha256:ab",
-                size=2048,
-                input=[1, "two", 3.0, None, [], {}],
-            ),
-        ]
-    ),
+    "offer": OFFER,
     "cancel": Cancel(leases=[9], reason="task cancelled by owner"),
     "bundle_chunk": BundleChunk(digest="sha256:ab", offset=0, total=3, data=b"\x00\xff\x10"),
     "result_ack": ResultAck(lease=7, accepted=True, reason=None),
@@ -213,7 +215,7 @@ def test_every_registered_message_has_a_sample() -> None:
     assert set(SAMPLES) == set(MESSAGE_TYPES)
     for tag, sample in SAMPLES.items():
         assert type(sample) is MESSAGE_TYPES[tag]
-        assert sample.TAG == tag
+        assert tag == sample.TAG
 
 
 @pytest.mark.parametrize("tag", sorted(MESSAGE_TYPES))
@@ -243,7 +245,7 @@ def test_float_field_accepts_int_and_yields_float() -> None:
 
 
 def test_nested_task_offer_has_no_tag() -> None:
-    assert set(wire_of(SAMPLES["offer"])["tasks"][0]) == {
+    assert set(wire_of(OFFER)["tasks"][0]) == {
         "lease",
         "project",
         "task",
@@ -302,7 +304,7 @@ def test_extra_field_is_named() -> None:
 
 
 def test_missing_field_in_nested_offer() -> None:
-    wire = wire_of(SAMPLES["offer"])
+    wire = wire_of(OFFER)
     del wire["tasks"][1]["digest"]
     assert remote_error(msgpack.packb(wire)) == "offer.tasks[1]: missing field 'digest'"
 
@@ -345,7 +347,8 @@ def test_wrong_type_is_refused_naming_tag_and_field(
 @pytest.mark.parametrize(("tag", "field", "value", "problem"), WRONG_TYPES)
 def test_wrong_type_is_refused_on_send(tag: str, field: str, value: Any, problem: str) -> None:
     # Dataclasses do not check types at construction; encode_message does.
-    bad = dataclasses.replace(SAMPLES[tag], **{field: value})
+    sample: Any = SAMPLES[tag]
+    bad = dataclasses.replace(sample, **{field: value})
     with pytest.raises(LocalProtocolError) as info:
         encode_message(bad)
     assert str(info.value).startswith(f"{tag}.{field}")
@@ -353,7 +356,7 @@ def test_wrong_type_is_refused_on_send(tag: str, field: str, value: Any, problem
 
 
 def test_wrong_type_in_nested_offer_names_the_path() -> None:
-    wire = wire_of(SAMPLES["offer"])
+    wire = wire_of(OFFER)
     wire["tasks"][1]["lease"] = True
     assert remote_error(msgpack.packb(wire)) == "offer.tasks[1].lease: expected int, got bool"
 
@@ -446,7 +449,7 @@ def test_malformed_msgpack_is_refused(body: bytes) -> None:
 
 def test_encode_refuses_unregistered_objects() -> None:
     with pytest.raises(LocalProtocolError):
-        encode_message(SAMPLES["offer"].tasks[0])  # type: ignore[attr-defined, arg-type]
+        encode_message(OFFER.tasks[0])  # type: ignore[arg-type]
 
 
 def test_encode_refuses_unpackable_strings() -> None:
@@ -473,7 +476,7 @@ def test_full_conversation() -> None:
     pair = ConnectionPair()
     pair.handshake()
     assert pair.send(Role.NODE, Ready(free=2)) == [Ready(free=2), NEED_DATA]
-    offer = SAMPLES["offer"]
+    offer = OFFER
     assert pair.send(Role.HUB, offer) == [offer, NEED_DATA]
     node_messages = [Accept(leases=[11, 12]), Heartbeat(running=[11, 12]), RESULT]
     assert pair.send(Role.NODE, *node_messages) == [*node_messages, NEED_DATA]
@@ -542,7 +545,7 @@ def test_result_before_hello_names_role_state_and_tag() -> None:
 
 def test_hub_may_not_offer_during_handshake() -> None:
     with pytest.raises(LocalProtocolError, match="hub may not send 'offer' in state HANDSHAKE"):
-        Connection(Role.HUB).send(SAMPLES["offer"])
+        Connection(Role.HUB).send(OFFER)
 
 
 def test_second_hello_is_refused() -> None:
@@ -590,7 +593,7 @@ def test_after_their_goodbye_the_connection_reports_closed() -> None:
 def test_messages_in_flight_after_our_goodbye_are_dropped() -> None:
     pair = ConnectionPair()
     pair.handshake()
-    in_flight = pair.hub.send(SAMPLES["offer"])
+    in_flight = pair.hub.send(OFFER)
     pair.node.send(Goodbye(reason="bye"))
     pair.node.receive_data(in_flight)
     assert pair.node.next_event() is CLOSED
@@ -651,7 +654,7 @@ def test_connection_is_unusable_after_a_remote_error_except_for_sending_error() 
     pair = ConnectionPair()
     pair.handshake()
     pair.hub.receive_data(frame_of({"t": "ready", "free": True}))
-    with pytest.raises(RemoteProtocolError, match="ready.free"):
+    with pytest.raises(RemoteProtocolError, match=r"ready\.free"):
         pair.hub.next_event()
     with pytest.raises(RemoteProtocolError):
         pair.hub.next_event()
@@ -660,7 +663,7 @@ def test_connection_is_unusable_after_a_remote_error_except_for_sending_error() 
     with pytest.raises(LocalProtocolError):
         pair.hub.send(HeartbeatAck())
     refusal = Error(code=ErrorCode.PROTOCOL, message="ready.free: expected int")
-    assert pair.node.receive_data(pair.hub.send(refusal)) is None
+    pair.node.receive_data(pair.hub.send(refusal))
     assert pair.hub.state is State.CLOSED
     assert drain(pair.node) == [refusal, CLOSED]
 

@@ -1,0 +1,492 @@
+"""The node: one persistent connection to a hub, tasks run in the executor, results spooled.
+
+``NodeClient.run`` connects (hubs tried in order, exponential backoff with full jitter
+between rounds), says hello with the leases it still holds, and then serves the
+connection: offers are checked (project chosen, key pinned, version not older than one
+already run, bundle verified) before they are accepted; results are spooled on disk
+before they are sent and dropped only when the hub acknowledges them. Tasks keep
+running while the connection is down; their results wait in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from issc import __version__
+from issc.config import Address, NodeConfig
+from issc.errors import BundleError, IsscError, RemoteProtocolError
+from issc.manifest import Manifest
+from issc.protocol import (
+    CLOSED,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Accept,
+    BundleChunk,
+    BundleRefused,
+    Cancel,
+    Connection,
+    Decline,
+    Error,
+    ErrorCode,
+    FetchBundle,
+    Goodbye,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    Message,
+    Offer,
+    Ready,
+    Result,
+    ResultAck,
+    Role,
+    TaskOffer,
+    Welcome,
+)
+from node.cache import BundleCache
+from node.executor import Executor, RunOutcome, RunRequest, make_executor
+from node.spool import ResultSpool
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+READ_SIZE = 256 * 1024
+STOP_GRACE = 5.0  # seconds to deliver spooled results and say goodbye on a clean stop
+
+
+class FatalNodeError(IsscError):
+    """The hub refused this node for a reason retrying cannot fix (auth, version)."""
+
+
+@dataclass(slots=True)
+class Running:
+    offer: TaskOffer
+    task: asyncio.Task[None] | None = None
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class Identity:
+    path: Path
+    node_id: str | None = None
+    node_secret: str | None = None
+
+    def load(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self.node_id, self.node_secret = data.get("node_id"), data.get("node_secret")
+
+    def save(self, node_id: str, node_secret: str) -> None:
+        if (node_id, node_secret) == (self.node_id, self.node_secret):
+            return
+        self.node_id, self.node_secret = node_id, node_secret
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"node_id": node_id, "node_secret": node_secret}))
+        tmp.chmod(0o600)
+        tmp.replace(self.path)
+
+
+@dataclass(slots=True)
+class _Download:
+    project: str
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Link:
+    """One live connection to the hub."""
+
+    conn: Connection
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    address: Address
+    last_heard: float = 0.0
+    downloads: dict[str, _Download] = field(default_factory=dict)
+
+
+class NodeClient:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        data = config.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity(data / "identity.json")
+        self.identity.load()
+        self.spool = ResultSpool(data / "spool")
+        self.cache = BundleCache(data / "bundles", dict(config.trusted_keys))
+        self.scratch = data / "scratch"
+        self.executors: dict[str, Executor] = {}
+        self.running: dict[int, Running] = {}
+        self.reserved = 0  # offers chosen to run, waiting for their bundle
+        self.link: _Link | None = None
+        self.stopping = False
+        self.heartbeat_interval = 5.0
+        self.heartbeat_misses = 3
+        self.connected = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in the background, keeping a reference until it is done."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- top level ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve hubs until ``stop`` is set; raises FatalNodeError if refused for good."""
+        serving = asyncio.create_task(self._connect_forever())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([serving, stopper], return_when=asyncio.FIRST_COMPLETED)
+            if serving.done():
+                serving.result()  # re-raise a fatal refusal
+        finally:
+            await self._shutdown(serving)
+            stopper.cancel()
+
+    async def _connect_forever(self) -> None:
+        failures = 0
+        while True:
+            link = await self._connect_any()
+            if link is None:
+                failures += 1
+                delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**failures))
+                log.info("no hub reachable; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                continue
+            try:
+                await self._serve(link)
+                failures = 0
+            except FatalNodeError:
+                raise
+            except (IsscError, ConnectionError, OSError, TimeoutError) as exc:
+                log.warning("connection to %s lost: %s", link.address, exc)
+                failures += 1
+            finally:
+                self._drop_link(link)
+            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**failures))
+            await asyncio.sleep(delay)
+
+    async def _connect_any(self) -> _Link | None:
+        for address in self.config.hubs:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(address.host, address.port), CONNECT_TIMEOUT
+                )
+            except (OSError, TimeoutError) as exc:
+                log.debug("cannot reach %s: %s", address, exc)
+                continue
+            loop = asyncio.get_running_loop()
+            return _Link(Connection(Role.NODE), reader, writer, address, loop.time())
+        return None
+
+    def _drop_link(self, link: _Link) -> None:
+        if self.link is link:
+            self.link = None
+            self.connected.clear()
+        for download in link.downloads.values():
+            if not download.done.done():
+                download.done.set_exception(ConnectionError("connection lost during download"))
+        with contextlib.suppress(Exception):
+            link.writer.close()
+
+    # ---- one connection -----------------------------------------------------------------
+
+    async def _serve(self, link: _Link) -> None:
+        held = sorted(set(self.running) | set(self.spool.leases()))
+        self._send(
+            link,
+            Hello(
+                protocol=PROTOCOL_VERSION,
+                software=f"issc-node/{__version__}",
+                volunteer=self.config.volunteer,
+                token=self.config.token,
+                node_id=self.identity.node_id,
+                node_secret=self.identity.node_secret,
+                projects=list(self.config.projects),
+                slots=self.config.slots,
+                leases=held,
+            ),
+        )
+        welcome = await asyncio.wait_for(self._next_message(link), CONNECT_TIMEOUT)
+        if isinstance(welcome, Error):
+            self._refused(welcome)
+        if not isinstance(welcome, Welcome):
+            raise RemoteProtocolError("the hub closed the connection during the handshake")
+        self._welcomed(link, welcome)
+        heartbeat = asyncio.create_task(self._heartbeats(link))
+        try:
+            while True:
+                message = await self._next_message(link)
+                if message is None:
+                    raise ConnectionError("the hub closed the connection")
+                link.last_heard = asyncio.get_running_loop().time()
+                await self._dispatch(link, message)
+        finally:
+            heartbeat.cancel()
+
+    def _welcomed(self, link: _Link, welcome: Welcome) -> None:
+        self.identity.save(welcome.node_id, welcome.node_secret)
+        self.heartbeat_interval = welcome.heartbeat_interval
+        self.heartbeat_misses = welcome.heartbeat_misses
+        link.conn.set_max_frame_size(welcome.max_frame_size)
+        log.info("connected to %s as node %s", link.address, welcome.node_id)
+        resumed = set(welcome.resumed)
+        for lease, running in list(self.running.items()):
+            if lease not in resumed:
+                log.info("lease %d was not resumed by the hub; stopping it", lease)
+                self._cancel_run(lease, running)
+        self.link = link
+        self.connected.set()
+        for lease in self.spool.leases():
+            record = self.spool.load(lease)
+            if record is not None:
+                self._send(link, Result(**record))
+        self._send_ready()
+
+    def _refused(self, error: Error) -> None:
+        if error.code in (ErrorCode.AUTH, ErrorCode.VERSION):
+            raise FatalNodeError(f"the hub refused this node ({error.code}): {error.message}")
+        raise RemoteProtocolError(f"the hub refused the connection ({error.code}): {error.message}")
+
+    async def _next_message(self, link: _Link) -> Message | None:
+        while True:
+            event = link.conn.next_event()
+            if event is CLOSED:
+                return None
+            if event is not NEED_DATA:
+                assert isinstance(event, Message)
+                return event
+            link.conn.receive_data(await link.reader.read(READ_SIZE))
+
+    async def _heartbeats(self, link: _Link) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            if loop.time() - link.last_heard > self.heartbeat_interval * self.heartbeat_misses:
+                log.warning(
+                    "no word from the hub for %.0f s; reconnecting", loop.time() - link.last_heard
+                )
+                link.writer.close()
+                return
+            self._send(link, Heartbeat(running=sorted(self.running)))
+
+    def _send(self, link: _Link, message: Message) -> None:
+        link.writer.write(link.conn.send(message))
+
+    def _send_ready(self) -> None:
+        if self.link is None or self.stopping:
+            return
+        # Offers in flight are not subtracted: the hub knows them and does that itself.
+        free = self.config.slots - len(self.running) - self.reserved
+        self._send(self.link, Ready(free=max(0, free)))
+
+    # ---- messages from the hub ------------------------------------------------------------
+
+    async def _dispatch(self, link: _Link, message: Message) -> None:
+        match message:
+            case Offer():
+                self._spawn(self._take_offers(link, message.tasks))
+            case Cancel():
+                for lease in message.leases:
+                    if (running := self.running.get(lease)) is not None:
+                        log.info("hub cancelled lease %d: %s", lease, message.reason)
+                        self._cancel_run(lease, running)
+            case BundleChunk():
+                self._on_chunk(link, message)
+            case ResultAck():
+                self.spool.remove(message.lease)
+                if not message.accepted:
+                    log.info(
+                        "hub did not record result of lease %d: %s", message.lease, message.reason
+                    )
+            case HeartbeatAck():
+                pass
+            case Error():
+                self._refused(message)
+
+    async def _take_offers(self, link: _Link, offers: list[TaskOffer]) -> None:
+        """Check each offer, fetch and verify bundles, then accept what can run."""
+        by_digest: dict[str, list[TaskOffer]] = {}
+        declined: list[int] = []
+        free = self.config.slots - len(self.running) - self.reserved
+        for offer in offers:
+            reason = self._offer_problem(offer)
+            if reason is None and free <= 0:
+                reason = "no free slot"
+            if reason is not None:
+                log.info("declining lease %d (%s): %s", offer.lease, offer.task, reason)
+                declined.append(offer.lease)
+                continue
+            free -= 1
+            self.reserved += 1
+            by_digest.setdefault(offer.digest, []).append(offer)
+        if declined:
+            self._send(link, Decline(leases=declined, reason="not runnable on this node"))
+        for digest, group in by_digest.items():
+            try:
+                await self._accept_group(link, digest, group)
+            finally:
+                self.reserved -= len(group)
+
+    def _offer_problem(self, offer: TaskOffer) -> str | None:
+        if self.stopping:
+            return "node is stopping"
+        if offer.project not in self.config.projects:
+            return f"project {offer.project!r} is not one this volunteer chose"
+        if offer.version < self.cache.highest_version(offer.project):
+            return f"version {offer.version} is older than one already run"
+        return None
+
+    async def _accept_group(self, link: _Link, digest: str, offers: list[TaskOffer]) -> None:
+        project = offers[0].project
+        leases = [o.lease for o in offers]
+        try:
+            bundle_dir = await self._bundle(link, digest, project, offers[0].size)
+            manifest = self.cache.manifest(digest)
+            if manifest.version != offers[0].version:
+                raise BundleError(
+                    f"bundle says version {manifest.version}, the offer {offers[0].version}"
+                )
+        except BundleError as exc:
+            log.error("refusing bundle %s of %s: %s", digest[:12], project, exc)
+            self._send(
+                link, BundleRefused(project=project, digest=digest, reason=str(exc), leases=leases)
+            )
+            return
+        if self.link is not link:
+            return  # the connection died meanwhile: the hub will not see an accept
+        self.cache.record_version(project, manifest.version)
+        self._send(link, Accept(leases=leases))
+        for offer in offers:
+            running = self.running[offer.lease] = Running(offer)
+            running.task = asyncio.create_task(self._run_task(offer, bundle_dir, manifest))
+
+    async def _bundle(self, link: _Link, digest: str, project: str, size: int) -> Path:
+        """The verified bundle directory, downloading it over ``link`` if needed."""
+        if digest in self.cache.refused:
+            raise BundleError(self.cache.refused[digest])
+        ready = self.cache.ready(digest)
+        if ready is not None:
+            return ready
+        download = link.downloads.get(digest)
+        if download is None:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            download = link.downloads[digest] = _Download(project, future)
+            offset = self.cache.partial_size(digest)
+            log.info(
+                "fetching bundle %s of %s (%d bytes, from %d)", digest[:12], project, size, offset
+            )
+            self._send(link, FetchBundle(digest=digest, offset=offset))
+        try:
+            await asyncio.shield(download.done)
+        finally:
+            link.downloads.pop(digest, None)
+        ready = self.cache.ready(digest)
+        if ready is None:  # another waiter's install failed
+            raise BundleError(self.cache.refused.get(digest, "bundle could not be installed"))
+        return ready
+
+    def _on_chunk(self, link: _Link, chunk: BundleChunk) -> None:
+        download = link.downloads.get(chunk.digest)
+        if download is None or download.done.done():
+            return
+        try:
+            complete = self.cache.append_chunk(chunk.digest, chunk.offset, chunk.total, chunk.data)
+            if not complete:
+                offset = chunk.offset + len(chunk.data)
+                self._send(link, FetchBundle(digest=chunk.digest, offset=offset))
+                return
+            self.cache.install(chunk.digest, download.project)
+            download.done.set_result(None)
+        except BundleError as exc:
+            download.done.set_exception(exc)
+
+    # ---- running tasks ------------------------------------------------------------------
+
+    def _executor(self, mode: str) -> Executor:
+        if mode not in self.executors:
+            self.executors[mode] = make_executor(mode, self.scratch, self.config.slots)
+        return self.executors[mode]
+
+    async def _run_task(self, offer: TaskOffer, bundle_dir: Path, manifest: Manifest) -> None:
+        request = RunRequest(
+            lease=offer.lease,
+            task_id=offer.task,
+            input=offer.input,
+            bundle_dir=bundle_dir,
+            entrypoint=manifest.entrypoint,
+            limits=manifest.limits,
+        )
+        try:
+            outcome = await self._executor(manifest.mode).run(request)
+        finally:
+            running = self.running.pop(offer.lease, None)
+        if running is None or running.cancelled:
+            self._send_ready()
+            return
+        self._deliver(offer, outcome)
+        self._send_ready()
+
+    def _deliver(self, offer: TaskOffer, outcome: RunOutcome) -> None:
+        record: dict[str, Any] = {
+            "lease": offer.lease,
+            "project": offer.project,
+            "task": offer.task,
+            "ok": outcome.ok,
+            "result": outcome.result if outcome.ok else None,
+            "error": outcome.error,
+            "cpu_seconds": outcome.cpu_seconds,
+            "wall_seconds": outcome.wall_seconds,
+        }
+        self.spool.put(offer.lease, record)
+        log.info(
+            "task %s/%s %s in %.2f s",
+            offer.project,
+            offer.task,
+            "done" if outcome.ok else f"failed: {outcome.error}",
+            outcome.wall_seconds,
+        )
+        if self.link is not None:
+            self._send(self.link, Result(**record))
+
+    def _cancel_run(self, lease: int, running: Running) -> None:
+        running.cancelled = True
+        for executor in self.executors.values():
+            self._spawn(executor.cancel(lease))
+
+    # ---- clean stop -----------------------------------------------------------------------
+
+    async def _shutdown(self, serving: asyncio.Task[None]) -> None:
+        """Stop running tasks, give their leases back, flush results, say goodbye."""
+        self.stopping = True
+        leases = sorted(self.running)
+        for lease, running in list(self.running.items()):
+            self._cancel_run(lease, running)
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_GRACE)
+        link = self.link
+        if link is not None:
+            with contextlib.suppress(Exception):
+                if leases:
+                    self._send(link, Decline(leases=leases, reason="node stopping"))
+                deadline = asyncio.get_running_loop().time() + STOP_GRACE
+                while self.spool.leases() and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.05)
+                self._send(link, Goodbye(reason="node stopping"))
+                await asyncio.wait_for(link.writer.drain(), 2)
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await serving
+        for executor in self.executors.values():
+            await executor.close()
