@@ -49,7 +49,10 @@ def waiting_files(inbox: Path) -> list[Path]:
             or not entry.is_file(follow_symlinks=False)
         ):
             continue
-        ready.append((entry.stat().st_mtime, name))
+        try:
+            ready.append((entry.stat().st_mtime, name))
+        except FileNotFoundError:
+            continue  # taken away while we looked
     return [inbox / name for _, name in sorted(ready)]
 
 
@@ -66,7 +69,16 @@ class Inbox:
 
     def scan(self) -> list[Ingested]:
         """Read every waiting file once (blocking; run on the store's thread)."""
-        return [item for path in waiting_files(self.inbox) if (item := self.ingest(path))]
+        ingested = []
+        for path in waiting_files(self.inbox):
+            try:
+                item = self.ingest(path)
+            except OSError as exc:  # moved away meanwhile, or a full disk: try again later
+                log.error("inbox: %s: %s", path.name, exc)
+                continue
+            if item is not None:
+                ingested.append(item)
+        return ingested
 
     def ingest(self, path: Path) -> Ingested | None:
         """Ingest one file and move it aside; a bad file is rejected, never raised."""

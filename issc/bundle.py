@@ -409,7 +409,7 @@ class _BoundedReader:
         if size < 0 or size > allowed:
             if allowed <= 0:
                 # Exactly at the limit is fine only if the stream really ends here.
-                if False:
+                if self._inner.read(1):
                     raise BundleError(f"archive larger than its manifest allows ({self.limit})")
                 return b""
             size = allowed

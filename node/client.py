@@ -15,14 +15,21 @@ import contextlib
 import json
 import logging
 import random
+import shutil
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from issc import __version__
 from issc.config import Address, NodeConfig
-from issc.errors import BundleError, IsscError, RemoteProtocolError
+from issc.errors import (
+    BundleError,
+    ExecutionError,
+    IsscError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from issc.manifest import Manifest
 from issc.protocol import (
     CLOSED,
@@ -49,6 +56,7 @@ from issc.protocol import (
     Role,
     TaskOffer,
     Welcome,
+    check_field_value,
 )
 from node.cache import BundleCache
 from node.executor import Executor, RunOutcome, RunRequest, make_executor
@@ -60,6 +68,7 @@ CONNECT_TIMEOUT = 10.0
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 READ_SIZE = 256 * 1024
+MAX_ERROR = 16 * 1024  # characters of an error message sent to the hub
 STOP_GRACE = 5.0  # seconds to deliver spooled results and say goodbye on a clean stop
 
 
@@ -123,6 +132,8 @@ class NodeClient:
         self.spool = ResultSpool(data / "spool")
         self.cache = BundleCache(data / "bundles", dict(config.trusted_keys))
         self.scratch = data / "scratch"
+        # Leftovers of runs killed with the node: nothing in them will be used again.
+        shutil.rmtree(self.scratch, ignore_errors=True)
         self.executors: dict[str, Executor] = {}
         self.running: dict[int, Running] = {}
         self.reserved = 0  # offers chosen to run, waiting for their bundle
@@ -429,6 +440,8 @@ class NodeClient:
         )
         try:
             outcome = await self._executor(manifest.mode).run(request)
+        except ExecutionError as exc:  # e.g. an input the program cannot be given
+            outcome = RunOutcome(False, None, f"cannot run the task: {exc}", 0.0, 0.0)
         finally:
             running = self.running.pop(offer.lease, None)
         if running is None or running.cancelled:
@@ -438,6 +451,7 @@ class NodeClient:
         self._send_ready()
 
     def _deliver(self, offer: TaskOffer, outcome: RunOutcome) -> None:
+        outcome = _sendable(outcome)
         record: dict[str, Any] = {
             "lease": offer.lease,
             "project": offer.project,
@@ -490,3 +504,14 @@ class NodeClient:
             await serving
         for executor in self.executors.values():
             await executor.close()
+
+
+def _sendable(outcome: RunOutcome) -> RunOutcome:
+    """The outcome, or a failure saying why its result cannot travel (too deep, too big)."""
+    error = outcome.error[-MAX_ERROR:] if outcome.error else outcome.error
+    if outcome.ok:
+        try:
+            check_field_value("result", "result", outcome.result)
+        except LocalProtocolError as exc:
+            error, outcome = f"result cannot be sent: {exc}", replace(outcome, ok=False)
+    return replace(outcome, error=error, result=outcome.result if outcome.ok else None)

@@ -56,7 +56,8 @@ from node.sandbox import (
 CANCELLED = "cancelled"
 RESULT_FILE = "result.json"
 INPUT_FILE = "input.json"
-# Outside the names a program is told about; the executor keeps its own fds on them anyway.
+# Not part of the contract. The executor reads them through the fds it opened, so a program
+# that replaces them (with a symlink to a node secret, say) cannot make it read anything else.
 _STDOUT_FILE = ".issc-stdout"
 _STDERR_FILE = ".issc-stderr"
 _MAX_PROGRAM_ERROR = 2048
@@ -256,7 +257,7 @@ class _Child:
                 _pid, status, usage = os.wait4(pid, 0)
                 self._reaped = True
             outcome = (os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime)
-        except ChildProcessError:  # someone else reaped it; status and rusage are lost
+        except OSError:  # ChildProcessError: someone else reaped it; status and rusage are lost
             outcome = (-signal.SIGKILL, 0.0)
         with contextlib.suppress(RuntimeError):  # the loop is already closed
             loop.call_soon_threadsafe(self._deliver, outcome)
@@ -313,7 +314,7 @@ class ProcessExecutor:
         started = time.monotonic()
         try:
             child, streams = self._start(request, payload, scratch)
-        except (ExecutionError, OSError, subprocess.SubprocessError) as exc:
+        except (ExecutionError, OSError, ValueError, subprocess.SubprocessError) as exc:
             await asyncio.to_thread(remove_tree, scratch)
             return _failure(f"cannot start the task: {exc}")
         run.attach(child.kill)
@@ -342,8 +343,8 @@ class ProcessExecutor:
     def _start(self, request: RunRequest, payload: str, scratch: Path) -> tuple[_Child, _Streams]:
         """Prepare the scratch dir and spawn the task process.
 
-        Raises ExecutionError if the entrypoint cannot be resolved, OSError or
-        SubprocessError if the scratch dir or the process cannot be created.
+        Raises ExecutionError if the entrypoint cannot be resolved, OSError, ValueError (a
+        NUL in an argument) or SubprocessError if the scratch dir or process cannot be made.
         """
         self._scratch_root.mkdir(parents=True, exist_ok=True)
         fresh_scratch(scratch)
@@ -393,7 +394,7 @@ def _collect_result(scratch: Path, stdout: IO[bytes], limits: Limits) -> tuple[A
     """
     limit = limits.output_mb * MIB
     try:
-        data = None
+        data = _read_result_file(scratch / RESULT_FILE, limit, limits.output_mb)
     except ValueError as exc:
         return None, str(exc)
     if data is not None:
@@ -608,7 +609,6 @@ class PersistentExecutor:
         Raises _ReplyError if the reply line is too long.
         """
         assert worker.proc.stdin is not None and worker.proc.stdout is not None
-        worker.stderr_tail.clear()  # report only what this task wrote
         try:
             worker.proc.stdin.write(line)
             await worker.proc.stdin.drain()
@@ -638,7 +638,7 @@ class PersistentExecutor:
         try:
             worker = await self._spawn(key, request)
             return worker
-        except (ExecutionError, OSError, subprocess.SubprocessError) as exc:
+        except (ExecutionError, OSError, ValueError, subprocess.SubprocessError) as exc:
             return f"cannot start the task: {exc}"
         finally:
             async with self._changed:
@@ -672,7 +672,7 @@ class PersistentExecutor:
     async def _spawn(self, key: _PoolKey, request: RunRequest) -> _Worker:
         """Start a process for ``key`` in a scratch dir of its own.
 
-        Raises ExecutionError, OSError or SubprocessError if it cannot be started.
+        Raises ExecutionError, OSError, ValueError or SubprocessError if it cannot start.
         """
         scratch = self._scratch_root / f"worker-{next(self._serial)}"
         self._scratch_root.mkdir(parents=True, exist_ok=True)
@@ -700,6 +700,9 @@ class PersistentExecutor:
         async with self._changed:
             keep = reusable and worker.alive and not self._runs.closed
             if keep:
+                # Cleared here, not when a task starts, so that what a process wrote while
+                # starting up (a traceback, say) reaches the first task's error.
+                worker.stderr_tail.clear()
                 worker.busy = False
             elif worker in self._workers:
                 self._workers.remove(worker)

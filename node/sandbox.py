@@ -162,10 +162,16 @@ def _lower_rlimit(which: int, value: int) -> None:
         pass  # skipped on purpose: see limit_setter
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILL every process in group ``pgid``; a group that is already gone is fine."""
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group that ``pid`` leads, and ``pid`` itself.
+
+    A group or process that is already gone is fine. The direct kill is a safety net
+    for a process that somehow does not lead its group.
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def fresh_scratch(path: Path) -> None:

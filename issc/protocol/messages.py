@@ -334,7 +334,11 @@ def decode_message(body: bytes) -> Message:
     except Exception as exc:
         # msgpack raises a mix of ValueError subclasses, TypeError, UnicodeDecodeError
         # and its own exceptions for malformed input; all mean the same thing here.
-        raise RemoteProtocolError(f"malformed msgpack body: {type(exc).__name__}: {exc}") from exc
+        # Some of their messages quote the input; keep what reaches logs short.
+        detail = str(exc)[:200]
+        raise RemoteProtocolError(
+            f"malformed msgpack body: {type(exc).__name__}: {detail}"
+        ) from exc
     if not isinstance(wire, dict):
         raise RemoteProtocolError(f"message body is a {type_name(wire)}, not a map")
     tag = wire.get("t")

@@ -59,6 +59,8 @@ from issc.protocol import (
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
+DIGEST = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
 HELLO = Hello(
     protocol=PROTOCOL_VERSION,
     software="issc-node/0.1.0",
@@ -97,7 +99,7 @@ OFFER = Offer(
             project="primes",
             task="r-17",
             version=3,
-            digest="sha256:ab",
+            digest=DIGEST,
             size=2048,
             input={"from": 0, "to": 10000},
         ),
@@ -106,7 +108,7 @@ OFFER = Offer(
             project="primes",
             task="r-18",
             version=3,
-            digest="sha256:ab",
+            digest=DIGEST,
             size=2048,
             input=[1, "two", 3.0, None, [], {}],
         ),
@@ -122,15 +124,15 @@ SAMPLES: dict[str, Message] = {
     "accept": Accept(leases=[11, 12]),
     "decline": Decline(leases=[13], reason="shutting down"),
     "bundle_refused": BundleRefused(
-        project="primes", digest="sha256:ab", reason="bad signature", leases=[14]
+        project="primes", digest=DIGEST, reason="bad signature", leases=[14]
     ),
-    "fetch_bundle": FetchBundle(digest="sha256:ab", offset=1024),
+    "fetch_bundle": FetchBundle(digest=DIGEST, offset=1024),
     "result": RESULT,
     "goodbye": Goodbye(reason="volunteer stopped the node"),
     "welcome": WELCOME,
     "offer": OFFER,
     "cancel": Cancel(leases=[9], reason="task cancelled by owner"),
-    "bundle_chunk": BundleChunk(digest="sha256:ab", offset=0, total=3, data=b"\x00\xff\x10"),
+    "bundle_chunk": BundleChunk(digest=DIGEST, offset=0, total=3, data=b"\x00\xff\x10"),
     "result_ack": ResultAck(lease=7, accepted=True, reason=None),
     "heartbeat_ack": HeartbeatAck(),
     "error": Error(code=ErrorCode.PROTOCOL, message="bad frame"),
@@ -705,3 +707,10 @@ def test_set_max_frame_size_rejects_nonsense() -> None:
 
 def test_docs_embed_the_transition_table() -> None:
     assert transitions_markdown() in DOCS.read_text(encoding="utf-8")
+
+
+def test_docs_embed_the_task_lifecycle_table() -> None:
+    # docs/protocol.md describes the lifecycle the hub runs; keep it in step with the code.
+    from hub.lifecycle import transition_table_markdown
+
+    assert transition_table_markdown() in DOCS.read_text(encoding="utf-8")

@@ -1,0 +1,32 @@
+# issc: `make demo` runs the main job, `make test` runs every check. Both set themselves up.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint unit e2e bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,postgres]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: lint $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider --durations=10
+
+lint: $(STAMP)
+	$(BIN)/ruff check issc hub node tests examples bench
+	$(BIN)/mypy --strict issc hub node
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+e2e: $(STAMP)
+	$(BIN)/pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) demo-run *.egg-info .pytest_cache .mypy_cache .ruff_cache
