@@ -21,8 +21,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RUN = ROOT / "demo-run"
-PRIMES_UPTO = 20_000_000
-PRIMES_CHUNK = 500_000
+PRIMES_UPTO = 10_000_000
+PRIMES_CHUNK = 250_000
 TIMEOUT = 300.0
 
 

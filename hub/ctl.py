@@ -9,6 +9,12 @@ The wire is the control server's (hub/control.py): one JSON request line
 ``{"ok": false, "error": "..."}``. ``--json`` prints the reply's data as one JSON
 document and nothing else; without it the data is shown as aligned tables.
 
+Wire names: ``status``, ``nodes``, ``projects``, ``tasks`` {project, state?} and, for
+hubs that offer them, ``volunteers``, ``volunteer_add`` / ``volunteer_export``
+{volunteer}, ``project_pause`` / ``project_resume`` / ``project_cancel`` {project}, and
+``watch``. A hub that answers ``unknown command`` gets "not available in this version of
+the hub" and exit status 2.
+
 Exit status: 0 success; 1 the hub answered with an error (an unknown project, say);
 2 a usage or config error, or a command this hub does not offer; 3 the hub could not be
 reached or sent a reply that is not understood (no socket, permission denied, timeout).
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     call = call_of(ns)
     try:
         path = socket_path_of(ns)
-        data = request(path, call.wire, call.args)
+        data = request(path, call.wire, call.args, timeout=TIMEOUT)
         try:
             text = json.dumps(data, indent=2) if ns.json else call.show(data, ns)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -135,8 +135,29 @@ class Store:
         snap = Snapshot()
         with self.engine.connect() as conn:
             snap.projects = [_project_info(r) for r in conn.execute(select(PROJECTS))]
+            # The scheduler puts retries at the front of a queue, the latest retry first, and
+            # new tasks at the back in order: a retry's place is where its last lease ended.
+            waiting_pks = select(Task.id).where(Task.state == TaskState.NA)
+            last = (
+                select(
+                    Lease.task_id,
+                    func.max(Lease.ended_at).label("ended_at"),
+                    func.max(Lease.id).label("lease_id"),
+                )
+                .where(Lease.task_id.in_(waiting_pks))
+                .group_by(Lease.task_id)
+                .subquery()
+            )
             waiting = conn.execute(
-                select(Task.id, Task.project_id).where(Task.state == TaskState.NA).order_by(Task.id)
+                select(Task.id, Task.project_id)
+                .outerjoin(last, last.c.task_id == Task.id)
+                .where(Task.state == TaskState.NA)
+                .order_by(
+                    last.c.lease_id.is_(None),
+                    last.c.ended_at.desc(),
+                    last.c.lease_id.desc(),
+                    Task.id,
+                )
             )
             for pk, project_id in waiting:
                 snap.waiting.setdefault(project_id, []).append(pk)
@@ -155,16 +176,23 @@ class Store:
             ).all()
             tasks = {r[0]: TaskRec(r[0], r[1], TaskState(r[2]), r[3], 0, r[4]) for r in rows}
             past = conn.execute(
-                select(Lease.id, Lease.task_id, Lease.node_id, Lease.accepted_at, Lease.outcome)
+                select(
+                    Lease.id,
+                    Lease.task_id,
+                    Lease.node_id,
+                    Lease.accepted_at,
+                    Lease.offered_at,
+                    Lease.outcome,
+                )
                 .where(Lease.ended_at.is_not(None), Lease.task_id.in_(unfinished))
                 .order_by(Lease.id)
             ).all()
-            for lease_id, task_pk, node_id, accepted_at, outcome in past:
+            for lease_id, task_pk, node_id, accepted_at, offered_at, outcome in past:
                 task = tasks.get(task_pk)
                 if task is None:
                     continue
                 accepted = accepted_at is not None
-                snap.past_leases.append(LeaseRec(lease_id, task_pk, node_id, accepted, 0.0))
+                snap.past_leases.append(LeaseRec(lease_id, task_pk, node_id, accepted, offered_at))
                 task.past_leases.append(lease_id)
                 if outcome == "code_error":
                     task.code_errors += 1
@@ -453,18 +481,14 @@ class Store:
     ) -> None:
         for chunk in _chunks(entries):
             by_id = {e.task_id: e for e in chunk}
-            taken = (
-                conn.execute(
-                    select(Task.name).where(
-                        Task.project_id == project_id, Task.name.in_(list(by_id))
-                    )
-                )
-                .scalars()
-                .first()
-            )
-            if taken is not None:
+            taken = conn.execute(
+                select(Task.name).where(Task.project_id == project_id, Task.name.in_(list(by_id)))
+            ).scalars()
+            # Name the first one in the file, whatever order the database returns them in.
+            first = min((by_id[name] for name in taken), key=lambda e: e.line, default=None)
+            if first is not None:
                 raise TaskFileError(
-                    f"duplicate task id {taken!r}: the project already has it", by_id[taken].line
+                    f"duplicate task id {first.task_id!r}: the project already has it", first.line
                 )
 
     def offer_payloads(self, pks: Sequence[int]) -> dict[int, tuple[str, str]]:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -62,11 +62,22 @@ MAX_FILES = 10_000
 MAX_MEMBER_NAME_CHARS = len(FILES_PREFIX) + MAX_PATH_CHARS
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
-# Tar framing around the data: per member a header, possibly a PAX header (long or non-ASCII
-# names) and padding; at the end two zero blocks padded to a 10 KiB record. These allowances
-# bound how many decompressed bytes a reader accepts beyond what the manifest declares.
-_MEMBER_OVERHEAD = 4096
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+# Our PAX headers only carry long or non-ASCII paths: ~1 KiB at most for a 261-char name.
+_MAX_PAX_HEADER_BYTES = 8192
+_USED_PAX_KEYS = frozenset({b"path", b"size"})
+_IGNORED_PAX_KEYS = frozenset({b"mtime", b"atime", b"ctime", b"uid", b"gid", b"uname", b"gname"})
+# GNU long names, global PAX headers, Solaris extended headers: never written by pack_bundle.
+_REFUSED_HEADER_TYPES = frozenset(
+    {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
+)
+# Tar framing around the data, worst case per member: PAX header block, PAX data, member
+# header, padding. The archive ends with zero blocks padded to a 10 KiB record. These bound
+# how many decompressed bytes a reader accepts beyond what the manifest declares.
+_MEMBER_OVERHEAD = 3 * _BLOCK + _MAX_PAX_HEADER_BYTES
 _ARCHIVE_OVERHEAD = 64 * 1024
+_HEAD_BUDGET = 2 * _MEMBER_OVERHEAD + MAX_MANIFEST_BYTES + SIGNATURE_BYTES + _ARCHIVE_OVERHEAD
 _CHUNK = 1024 * 1024
 _FILE_MODE = 0o644
 _EXEC_MODE = 0o755
@@ -392,11 +403,15 @@ def _owner_key_of(manifest: Manifest) -> Ed25519PublicKey:
         raise BundleError(f"manifest.json: owner_key: {exc}") from exc
 
 
+class _ArchiveError(Exception):
+    """The archive's structure is broken; reported as ``not a valid bundle archive``."""
+
+
 class _BoundedReader:
     """The decompressed archive stream, refusing to yield more than ``limit`` bytes.
 
-    This is what stops a gzip bomb or a huge PAX header: tarfile pulls bytes through here,
-    and the read that would cross the limit raises instead of allocating.
+    This is what stops a gzip bomb: the read that would cross the limit raises instead of
+    decompressing further. The limit grows once the signed manifest says how much to expect.
     """
 
     def __init__(self, inner: gzip.GzipFile, limit: int) -> None:
@@ -404,35 +419,222 @@ class _BoundedReader:
         self.limit = limit
         self.consumed = 0
 
-    def read(self, size: int = -1, /) -> bytes:
+    def read(self, size: int) -> bytes:
+        """Read up to ``size`` bytes; b"" only at the real end of the stream.
+
+        Raises:
+            BundleError: the stream goes on past ``limit``.
+        """
         allowed = self.limit - self.consumed
-        if size < 0 or size > allowed:
+        if size > allowed:
             if allowed <= 0:
                 # Exactly at the limit is fine only if the stream really ends here.
                 if self._inner.read(1):
-                    raise BundleError(f"archive larger than its manifest allows ({self.limit})")
+                    raise BundleError("archive holds more data than its manifest allows")
                 return b""
             size = allowed
         data = self._inner.read(size)
         self.consumed += len(data)
         return data
 
-    def drain(self) -> None:
-        """Read to the end so gzip checks its CRC and length trailer."""
+    def read_exact(self, size: int, what: str) -> bytes:
+        """Read exactly ``size`` bytes.
+
+        Raises:
+            _ArchiveError: the stream ends first (``what`` says what was being read).
+        """
+        parts: list[bytes] = []
+        missing = size
+        while missing > 0:
+            chunk = self.read(missing)
+            if not chunk:
+                raise _ArchiveError(f"unexpected end of data in {what}")
+            parts.append(chunk)
+            missing -= len(chunk)
+        return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _TarMember:
+    """One member header: its name (undecodable bytes kept as surrogates), type and size."""
+
+    name: str
+    kind: bytes
+    size: int
+
+
+class _TarStream:
+    """A strict streaming reader for the tar subset pack_bundle writes: POSIX ustar headers,
+    each optionally preceded by one small PAX extended header.
+
+    tarfile is not used for reading because its PAX parser has had quadratic-time and
+    endless-loop bugs on crafted headers (CVE-2024-6232, CVE-2025-8194) and reads a whole
+    extended header into memory before a caller can object. Here every extended header is
+    bounded, parsed in linear time, and anything unusual (GNU long names, global headers,
+    chained extended headers) is refused.
+    """
+
+    def __init__(self, reader: _BoundedReader) -> None:
+        self._reader = reader
+        self._remaining = 0  # data bytes of the current member not yet read
+        self._padding = 0  # zero bytes after the current member's data
+
+    def next_member(self) -> _TarMember | None:
+        """Return the next member header, or None at the end-of-archive marker.
+
+        Raises:
+            _ArchiveError: a corrupt or unsupported header.
+            BundleError: an extended header over _MAX_PAX_HEADER_BYTES.
+        """
+        self._skip_rest_of_member()
+        block = self._reader.read_exact(_BLOCK, "a member header")
+        if block == _ZERO_BLOCK:
+            return None
+        member = _parse_header(block)
+        if member.kind == tarfile.XHDTYPE:
+            member = self._apply_pax(member)
+        elif member.kind in _REFUSED_HEADER_TYPES:
+            raise _ArchiveError(f"unsupported tar header type {member.kind!r}")
+        self._remaining = member.size
+        self._padding = -member.size % _BLOCK
+        return member
+
+    def _apply_pax(self, pax: _TarMember) -> _TarMember:
+        """Read a PAX extended header and the member header it applies to."""
+        if pax.size > _MAX_PAX_HEADER_BYTES:
+            raise BundleError(
+                f"PAX header of {pax.size} bytes, over the limit of {_MAX_PAX_HEADER_BYTES}"
+            )
+        data = self._reader.read_exact(pax.size + (-pax.size % _BLOCK), "a PAX header")
+        records = _parse_pax_records(data[: pax.size])
+        block = self._reader.read_exact(_BLOCK, "a member header")
+        if block == _ZERO_BLOCK:
+            raise _ArchiveError("PAX header without a member")
+        member = _parse_header(block)
+        if member.kind == tarfile.XHDTYPE or member.kind in _REFUSED_HEADER_TYPES:
+            raise _ArchiveError("an extended header must be followed by a member header")
+        name = records.get(b"path")
+        size = records.get(b"size")
+        return _TarMember(
+            name=member.name if name is None else name.decode("utf-8", "surrogateescape"),
+            kind=member.kind,
+            size=member.size if size is None else _parse_decimal(size, "PAX size"),
+        )
+
+    def read(self, size: int) -> bytes:
+        """Read up to ``size`` bytes of the current member's data; b"" when it is all read.
+
+        Raises:
+            _ArchiveError: the archive ends inside the member's data.
+        """
+        size = min(size, self._remaining)
+        if size <= 0:
+            return b""
+        data = self._reader.read(size)
+        if not data:
+            raise _ArchiveError("unexpected end of data in a member")
+        self._remaining -= len(data)
+        return data
+
+    def finish(self) -> None:
+        """After the end marker, check only zero padding follows; reaching the end of the
+        gzip stream also makes gzip check its CRC and length.
+
+        Raises:
+            _ArchiveError: non-zero data after the end-of-archive marker.
+            BundleError: more padding than the bound allows.
+        """
+        while chunk := self._reader.read(_CHUNK):
+            if chunk.count(0) != len(chunk):
+                raise _ArchiveError("data after the end of the archive")
+
+    def _skip_rest_of_member(self) -> None:
+        """Move past unread data and padding of the current member."""
         while self.read(_CHUNK):
             pass
+        if self._padding:
+            self._reader.read_exact(self._padding, "member padding")
+            self._padding = 0
 
-    def write(self, b: bytes, /) -> NoReturn:
-        raise OSError("read-only stream")
 
-    def tell(self) -> int:
-        return self.consumed
+def _parse_header(block: bytes) -> _TarMember:
+    """Parse one 512-byte POSIX ustar header.
 
-    def seek(self, pos: int, /) -> NoReturn:
-        raise OSError("stream is not seekable")
+    Raises:
+        _ArchiveError: bad checksum, not a POSIX ustar header, or a bad size field.
+    """
+    stored = _parse_octal(block[148:156], "header checksum")
+    # The checksum is the byte sum of the header with the checksum field read as spaces.
+    if stored != sum(block[:148]) + 8 * 0x20 + sum(block[156:]):
+        raise _ArchiveError("bad tar header checksum")
+    if block[257:265] != b"ustar\x0000":
+        raise _ArchiveError("not a POSIX ustar header")
+    name = _nul_terminated(block[0:100])
+    prefix = _nul_terminated(block[345:500])
+    raw_name = prefix + b"/" + name if prefix else name
+    return _TarMember(
+        name=raw_name.decode("utf-8", "surrogateescape"),
+        kind=block[156:157],
+        size=_parse_octal(block[124:136], "size field"),
+    )
 
-    def close(self) -> None:
-        """The underlying file is closed by its owner."""
+
+def _nul_terminated(field: bytes) -> bytes:
+    """The bytes of a tar string field up to its first NUL."""
+    end = field.find(b"\0")
+    return field if end < 0 else field[:end]
+
+
+def _parse_octal(field: bytes, what: str) -> int:
+    """Parse a NUL- or space-terminated octal number (base-256 sizes are never needed here).
+
+    Raises:
+        _ArchiveError: anything but octal digits.
+    """
+    digits = _nul_terminated(field).strip(b" ")
+    if not digits:
+        return 0
+    if not all(0x30 <= b <= 0x37 for b in digits):
+        raise _ArchiveError(f"bad {what}")
+    return int(digits, 8)
+
+
+def _parse_decimal(value: bytes, what: str) -> int:
+    """Parse a short ASCII decimal number. Raises _ArchiveError otherwise."""
+    if not value or len(value) > 20 or not all(0x30 <= b <= 0x39 for b in value):
+        raise _ArchiveError(f"bad {what}")
+    return int(value)
+
+
+def _parse_pax_records(data: bytes) -> dict[bytes, bytes]:
+    """Parse ``"<length> <key>=<value>\\n"`` records in one linear pass.
+
+    Only ``path`` and ``size`` are used; the timestamp and owner records other tar writers
+    add are ignored; anything else is refused, as are repeated keys.
+
+    Raises:
+        _ArchiveError: a malformed, unknown or repeated record.
+    """
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 21)
+        if space < 0:
+            raise _ArchiveError("bad PAX record length")
+        length = _parse_decimal(data[pos:space], "PAX record length")
+        end = pos + length
+        if end > len(data) or end <= space + 1 or data[end - 1 : end] != b"\n":
+            raise _ArchiveError("bad PAX record")
+        key, equals, value = data[space + 1 : end - 1].partition(b"=")
+        if not equals or not key:
+            raise _ArchiveError("bad PAX record")
+        if key in records:
+            raise _ArchiveError(f"repeated PAX record {key!r}")
+        if key not in _USED_PAX_KEYS and key not in _IGNORED_PAX_KEYS:
+            raise _ArchiveError(f"unsupported PAX record {key!r}")
+        records[key] = value
+        pos = end
+    return records
 
 
 @contextmanager
@@ -442,7 +644,7 @@ def _errors_name_bundle(path: Path) -> Iterator[None]:
         yield
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from exc
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except (_ArchiveError, EOFError, zlib.error, OSError) as exc:
         # gzip.BadGzipFile is an OSError; EOFError is a truncated gzip stream.
         raise BundleError(f"{path}: not a valid bundle archive: {exc}") from exc
 
@@ -461,18 +663,18 @@ def _scan(path: Path, choose_key: KeyChoice | None, staging: Path | None) -> Man
         except OSError as exc:
             raise BundleError(f"cannot read: {exc.strerror}") from exc
         with raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-            reader = _BoundedReader(gz, MAX_MANIFEST_BYTES + SIGNATURE_BYTES + _ARCHIVE_OVERHEAD)
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                manifest_bytes = _read_small_member(tar, MANIFEST_MEMBER, MAX_MANIFEST_BYTES)
-                manifest = manifest_from_bytes(manifest_bytes)
-                _check_bounds(manifest)
-                if choose_key is None:
-                    return manifest
-                signature = _read_small_member(tar, SIGNATURE_MEMBER, SIGNATURE_BYTES)
-                _check_signature(manifest, manifest_bytes, signature, choose_key(manifest))
-                reader.limit = reader.consumed + _archive_budget(manifest)
-                _read_files(tar, manifest, staging)
-            reader.drain()
+            reader = _BoundedReader(gz, _HEAD_BUDGET)
+            tar = _TarStream(reader)
+            manifest_bytes = _read_small_member(tar, MANIFEST_MEMBER, MAX_MANIFEST_BYTES)
+            manifest = manifest_from_bytes(manifest_bytes)
+            _check_bounds(manifest)
+            if choose_key is None:
+                return manifest
+            signature = _read_small_member(tar, SIGNATURE_MEMBER, SIGNATURE_BYTES)
+            _check_signature(manifest, manifest_bytes, signature, choose_key(manifest))
+            reader.limit = reader.consumed + _archive_budget(manifest)
+            _read_files(tar, manifest, staging)
+            tar.finish()
     return manifest
 
 
@@ -517,23 +719,23 @@ def _show(name: str) -> str:
     return shown if len(shown) <= 300 else shown[:300] + "..."
 
 
-def _check_member(member: tarfile.TarInfo) -> None:
+def _check_member(member: _TarMember) -> None:
     """Raises BundleError unless the member is a regular file with a safe name."""
+    if member.kind not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        # Directory names end in "/"; strip it so the message names the directory.
+        raise BundleError(f"member {_show(member.name.rstrip('/'))}: not a regular file")
     reason = unsafe_path_reason(member.name, max_chars=MAX_MEMBER_NAME_CHARS)
     if reason is not None:
         raise BundleError(f"member {_show(member.name)}: unsafe path ({reason})")
-    # Not isreg(): that also admits GNU sparse and contiguous files, which we never write.
-    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-        raise BundleError(f"member {_show(member.name)}: not a regular file")
 
 
-def _read_small_member(tar: tarfile.TarFile, name: str, max_size: int) -> bytes:
+def _read_small_member(tar: _TarStream, name: str, max_size: int) -> bytes:
     """Read the next member, which must be the regular file ``name`` of at most ``max_size``.
 
     Raises:
         BundleError: the member is missing, misplaced, unsafe, not regular, or too large.
     """
-    member = tar.next()
+    member = tar.next_member()
     if member is None:
         raise BundleError(f"missing member {name}")
     _check_member(member)
@@ -541,18 +743,13 @@ def _read_small_member(tar: tarfile.TarFile, name: str, max_size: int) -> bytes:
         raise BundleError(f"expected member {name}, found {_show(member.name)}")
     if member.size > max_size:
         raise BundleError(f"member {name}: {member.size} bytes, over the limit of {max_size}")
-    return _member_stream(tar, member).read(member.size)
+    parts = []
+    while chunk := tar.read(_CHUNK):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
-def _member_stream(tar: tarfile.TarFile, member: tarfile.TarInfo) -> BinaryIO:
-    """The data of a regular member, already checked by _check_member."""
-    stream = tar.extractfile(member)
-    if stream is None:  # tarfile returns None only for non-regular members
-        raise BundleError(f"member {_show(member.name)}: not a regular file")
-    return stream  # type: ignore[return-value]
-
-
-def _read_files(tar: tarfile.TarFile, manifest: Manifest, staging: Path | None) -> None:
+def _read_files(tar: _TarStream, manifest: Manifest, staging: Path | None) -> None:
     """Check that the remaining members are exactly the manifest's files, byte for byte.
 
     Raises:
@@ -561,7 +758,7 @@ def _read_files(tar: tarfile.TarFile, manifest: Manifest, staging: Path | None) 
     """
     expected = {FILES_PREFIX + f.path: f for f in manifest.files}
     seen: set[str] = set()
-    while (member := tar.next()) is not None:
+    while (member := tar.next_member()) is not None:
         _check_member(member)
         entry = expected.get(member.name)
         if entry is None:
@@ -573,30 +770,26 @@ def _read_files(tar: tarfile.TarFile, manifest: Manifest, staging: Path | None) 
             raise BundleError(
                 f"file {entry.path}: size mismatch (manifest {entry.size}, archive {member.size})"
             )
-        _check_file_data(_member_stream(tar, member), entry, staging)
+        _check_file_data(tar, entry, staging)
     missing = [name for name in expected if name not in seen]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BundleError(f"missing member {_show(missing[0])}{more}")
 
 
-def _check_file_data(stream: BinaryIO, entry: FileEntry, staging: Path | None) -> None:
+def _check_file_data(tar: _TarStream, entry: FileEntry, staging: Path | None) -> None:
     """Hash one file's data (writing it under ``staging`` if given) and compare.
 
     Raises:
-        BundleError: the data is short or its SHA-256 differs from the manifest.
-        OSError: the file cannot be written under ``staging``.
+        BundleError: its SHA-256 differs from the manifest.
+        _ArchiveError: the archive ends inside the data.
     """
     digest = hashlib.sha256()
-    size = 0
     with _open_staged(staging, entry) as out:
-        while chunk := stream.read(_CHUNK):
+        while chunk := tar.read(_CHUNK):
             digest.update(chunk)
-            size += len(chunk)
             if out is not None:
-                out.write(chunk)
-    if size != entry.size:
-        raise BundleError(f"file {entry.path}: truncated ({size} of {entry.size} bytes)")
+                _write_staged(out, chunk, entry)
     if digest.hexdigest() != entry.sha256:
         raise BundleError(f"file {entry.path}: SHA-256 mismatch")
 
@@ -610,18 +803,36 @@ def _open_staged(staging: Path | None, entry: FileEntry) -> Iterator[BinaryIO | 
     never write through something that was already there.
 
     Raises:
-        OSError: the file or its directories cannot be created.
+        BundleError: the file or its directories cannot be created or finished.
     """
     if staging is None:
         yield None
         return
     target = staging.joinpath(*entry.path.split("/"))
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    fd = os.open(target, flags, 0o600)
+    try:
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise BundleError(f"cannot create extracted file {entry.path}: {exc}") from exc
     with os.fdopen(fd, "wb") as out:
         yield out
-        os.fchmod(out.fileno(), 0o555 if entry.executable else 0o444)
+        try:
+            out.flush()
+            os.fchmod(out.fileno(), 0o555 if entry.executable else 0o444)
+        except OSError as exc:
+            raise BundleError(f"cannot write extracted file {entry.path}: {exc}") from exc
+
+
+def _write_staged(out: BinaryIO, chunk: bytes, entry: FileEntry) -> None:
+    """Write verified-so-far data; kept apart so a full disk is not called a bad archive.
+
+    Raises:
+        BundleError: the write fails.
+    """
+    try:
+        out.write(chunk)
+    except OSError as exc:
+        raise BundleError(f"cannot write extracted file {entry.path}: {exc}") from exc
 
 
 def _fix_directory_modes(staging: Path) -> None:
