@@ -36,6 +36,7 @@ class ControlServer:
             "nodes": self.nodes,
             "projects": self.projects,
             "tasks": self.tasks,
+            "task": self.task,
         }
 
     async def start(self) -> None:
@@ -112,3 +113,9 @@ class ControlServer:
         if state is not None and state not in ("NA", "TA", "A", "C", "F", "X"):
             raise IsscError(f"unknown state {state!r}: one of NA, TA, A, C, F, X")
         return await self.runtime.astore.call(self.runtime.store.tasks_of, project, state)
+
+    async def task(self, args: dict[str, Any]) -> dict[str, Any]:
+        project, task_id = args.get("project"), args.get("id")
+        if not isinstance(project, str) or not isinstance(task_id, str):
+            raise IsscError("task needs a project name and a task id")
+        return await self.runtime.astore.call(self.runtime.store.task_detail, project, task_id)

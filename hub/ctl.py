@@ -9,11 +9,11 @@ The wire is the control server's (hub/control.py): one JSON request line
 ``{"ok": false, "error": "..."}``. ``--json`` prints the reply's data as one JSON
 document and nothing else; without it the data is shown as aligned tables.
 
-Wire names: ``status``, ``nodes``, ``projects``, ``tasks`` {project, state?} and, for
-hubs that offer them, ``volunteers``, ``volunteer_add`` / ``volunteer_export``
-{volunteer}, ``project_pause`` / ``project_resume`` / ``project_cancel`` {project}, and
-``watch``. A hub that answers ``unknown command`` gets "not available in this version of
-the hub" and exit status 2.
+Wire names: ``status``, ``nodes``, ``projects``, ``tasks`` {project, state?}, ``task``
+{project, id} and, for hubs that offer them, ``volunteers``, ``volunteer_add`` /
+``volunteer_export`` {volunteer}, ``project_pause`` / ``project_resume`` /
+``project_cancel`` {project}, and ``watch``. A hub that answers ``unknown command``
+gets "not available in this version of the hub" and exit status 2.
 
 Exit status: 0 success; 1 the hub answered with an error (an unknown project, say);
 2 a usage or config error, or a command this hub does not offer; 3 the hub could not be
@@ -289,6 +289,35 @@ def show_tasks(data: Any, ns: argparse.Namespace) -> str:
     return table(("ID", "STATE", "NODE", "ATTEMPTS"), rows, right={3})
 
 
+def show_task(data: Any, ns: argparse.Namespace) -> str:
+    lines = [
+        f"task {_cell(data['id'])}: {data['state']}, {data['attempts']} attempt(s), "
+        f"node {_cell(data['node'])}"
+    ]
+    if data.get("error"):
+        lines.append(f"error: {_cell(data['error'])}")
+    rows = [
+        (
+            h["id"],
+            h["node_id"],
+            _when(h["offered_at"]),
+            _when(h["accepted_at"]),
+            _when(h["ended_at"]),
+            h["outcome"] or "live",
+            h["detail"] or "",
+        )
+        for h in data["history"]
+    ]
+    headers = ("LEASE", "NODE", "OFFERED", "ACCEPTED", "ENDED", "OUTCOME", "DETAIL")
+    lines.append(table(headers, rows, right={0}) if rows else "no leases yet")
+    return "\n".join(lines)
+
+
+def _when(stamp: Any) -> str:
+    """The time of day of an ISO 8601 stamp ("2026-11-28T07:00:00Z" -> "07:00:00")."""
+    return stamp[11:19] if isinstance(stamp, str) else "-"
+
+
 def show_volunteers(data: Any, ns: argparse.Namespace) -> str:
     if not data:
         return "no volunteers"
@@ -340,6 +369,8 @@ def call_of(ns: argparse.Namespace) -> Call:
         if ns.state is not None:
             args["state"] = ns.state
         return Call("tasks", "tasks", show_tasks, args)
+    if command == "task":
+        return Call("task", "task", show_task, {"project": ns.project, "id": ns.id})
     if command == "volunteer":
         # The server side of these commands arrives in a later hub version.
         show = show_token if ns.action == "add" else show_json
@@ -416,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument(
         "--state", type=_state, metavar="STATE", help=f"only tasks in STATE ({', '.join(STATES)})"
     )
+    task = add("task", "one task and its history of leases")
+    task.add_argument("project", metavar="PROJECT")
+    task.add_argument("id", metavar="ID")
     add("volunteers", "volunteers with credit")
     volunteer = add("volunteer", "create or export a volunteer")
     vsub = volunteer.add_subparsers(dest="action", required=True, metavar="ACTION")

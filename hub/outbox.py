@@ -12,11 +12,10 @@ import json
 import logging
 import os
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hub.store import FinishedTask, Store
+from hub.store import FinishedTask, Store, iso_time
 
 log = logging.getLogger(__name__)
 BATCH = 5000
@@ -33,7 +32,7 @@ def result_line(task: FinishedTask) -> dict[str, Any]:
         "volunteer": task.volunteer,
         "attempts": task.attempts,
         "cpu_seconds": round(task.cpu_seconds, 3),
-        "finished_at": datetime.fromtimestamp(task.finished_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "finished_at": iso_time(task.finished_at),
         "files": [],
     }
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, insert, select, update
@@ -77,6 +78,13 @@ class FinishedTask:
     attempts: int
     cpu_seconds: float
     finished_at: float
+
+
+def iso_time(stamp: float | None) -> str | None:
+    """UNIX seconds as ISO 8601 UTC, the form results.jsonl and issc-ctl --json use."""
+    if stamp is None:
+        return None
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _hash_secret(secret: str) -> str:
@@ -162,9 +170,9 @@ class Store:
             for pk, project_id in waiting:
                 snap.waiting.setdefault(project_id, []).append(pk)
             live = conn.execute(
-                select(
-                    Lease.id, Lease.task_id, Lease.node_id, Lease.accepted_at, Lease.offered_at
-                ).where(Lease.ended_at.is_(None))
+                select(Lease.id, Lease.task_id, Lease.node_id, Lease.accepted_at, Lease.offered_at)
+                .where(Lease.ended_at.is_(None))
+                .order_by(Lease.id)  # offers expire in the order they were made
             ).all()
             snap.leases = [LeaseRec(r[0], r[1], r[2], r[3] is not None, r[4]) for r in live]
             # Unfinished tasks that have had leases carry attempts and history.
@@ -659,6 +667,36 @@ class Store:
                 {"id": name, "state": st, "node": node, "attempts": attempts}
                 for name, st, node, attempts in conn.execute(query.order_by(Task.id))
             ]
+
+    def task_detail(self, project: str, task_id: str) -> dict[str, Any]:
+        """One task with its lease history. Raises StoreError if there is no such task."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(Task.state, Task.attempts, Task.node_id, Task.error)
+                .join(Project, Project.id == Task.project_id)
+                .where(Project.name == project, Task.name == task_id)
+            ).first()
+        if row is None:
+            raise StoreError(f"no task {task_id!r} in project {project!r}")
+        return {
+            "id": task_id,
+            "state": row.state,
+            "node": row.node_id,
+            "attempts": row.attempts,
+            "error": row.error,
+            "history": [
+                {
+                    "lease": h["id"],
+                    "node": h["node_id"],
+                    "offered_at": iso_time(h["offered_at"]),
+                    "accepted_at": iso_time(h["accepted_at"]),
+                    "ended_at": iso_time(h["ended_at"]),
+                    "outcome": h["outcome"],
+                    "detail": h["detail"],
+                }
+                for h in self.task_history(project, task_id)
+            ],
+        }
 
     def task_history(self, project: str, task_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
