@@ -11,6 +11,10 @@ and then check each file's size against the signed manifest before reading its d
 the archive is read as a stream, and nothing is read past a bound. Verification never
 trusts tar metadata beyond the member's name, type and size; the signed manifest is the
 authority on paths, sizes, hashes and the executable bit.
+
+Packing uses tarfile (POSIX PAX format). Reading does not: untrusted archives go through
+``_TarStream``, a small strict reader for exactly that subset, so that no header can make
+the reader allocate or loop beyond the bounds below.
 """
 
 from __future__ import annotations
