@@ -1,0 +1,349 @@
+"""Mode ``persistent``: a pool of long-lived task processes, one task at a time each.
+
+The pool is keyed by (bundle_dir, entrypoint); each process gets its own scratch dir
+``<scratch_root>/worker-<n>`` and one task at a time: ``{"id": task_id, "input": ...}`` as
+one line on stdin, one line back, ``{"id": ..., "result": ...}`` or
+``{"id": ..., "error": "..."}``. A process that dies, overruns the wall limit, is
+cancelled, or sends a malformed or oversized line is killed and replaced on the next task.
+
+As in ``node.executor``, task-level failures never raise: ``run`` returns
+``RunOutcome(ok=False, error=...)``. How a process is launched and confined lives in
+``node.sandbox``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from issc.errors import ExecutionError
+from issc.manifest import Limits
+from node.runs import (
+    Run,
+    RunOutcome,
+    RunRegistry,
+    RunRequest,
+    decode_json,
+    encode_input,
+    failure,
+    wall_exceeded,
+    with_stderr,
+)
+from node.sandbox import (
+    MIB,
+    STDERR_TAIL_BYTES,
+    build_launch,
+    describe_exit,
+    fresh_scratch,
+    kill_group,
+    limit_setter,
+    process_cpu_seconds,
+    remove_tree,
+)
+
+_MAX_PROGRAM_ERROR = 2048
+_EXIT_GRACE_SECONDS = 1.0
+
+_PoolKey = tuple[Path, tuple[str, ...]]
+
+
+class _Worker:
+    """One long-lived task process and what the executor knows about it."""
+
+    def __init__(self, key: _PoolKey, proc: asyncio.subprocess.Process, scratch: Path) -> None:
+        self.key = key
+        self.proc = proc
+        self.scratch = scratch
+        self.busy = True
+        self.stderr_tail = bytearray()
+        # Drained all the time: a full stderr pipe would block the process mid-task.
+        self._stderr_reader = asyncio.create_task(self._drain_stderr())
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def kill(self) -> None:
+        """SIGKILL the process group, unless the process is known to be gone."""
+        if self.alive:
+            kill_group(self.proc.pid)
+
+    async def exit_reason(self, limits: Limits) -> str:
+        """Why the process ended mid-task, with its stderr tail. Kills it if it lingers."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), _EXIT_GRACE_SECONDS)
+        except TimeoutError:  # it closed stdout but kept running
+            self.kill()
+        returncode = await self.proc.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._stderr_reader), _EXIT_GRACE_SECONDS)
+        reason = f"worker process ended ({describe_exit(returncode, limits)})"
+        return with_stderr(reason, bytes(self.stderr_tail))
+
+    async def retire(self) -> None:
+        """Kill the process, wait for it, and remove its scratch dir."""
+        self.kill()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        await self.proc.wait()
+        self._stderr_reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._stderr_reader
+        await asyncio.to_thread(remove_tree, self.scratch)
+
+    async def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while chunk := await self.proc.stderr.read(65536):
+            self.stderr_tail += chunk
+            del self.stderr_tail[:-STDERR_TAIL_BYTES]  # only the tail is ever reported
+
+
+class _ReplyError(Exception):
+    """A reply line that breaks the persistent protocol; the process is not to be trusted."""
+
+
+class PersistentExecutor:
+    """Mode ``persistent``: long-lived processes, one task at a time each.
+
+    At most ``max_processes`` processes exist at once, over all bundles; when a task
+    needs a process for a bundle that has none free, an idle process of another bundle
+    (an older version, typically) is retired to make room.
+    """
+
+    def __init__(self, scratch_root: Path, max_processes: int) -> None:
+        """Raises ExecutionError if ``max_processes`` is below 1."""
+        if max_processes < 1:
+            raise ExecutionError(f"max_processes must be at least 1, not {max_processes}")
+        self._scratch_root = scratch_root
+        self._max_processes = max_processes
+        self._runs = RunRegistry()
+        self._workers: list[_Worker] = []
+        self._starting = 0
+        self._changed = asyncio.Condition()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._serial = itertools.count(1)
+
+    async def run(self, request: RunRequest) -> RunOutcome:
+        """Run one task on a pooled process, starting one if needed.
+
+        Raises ExecutionError if the lease is already running, the executor is closed or
+        the input is not a JSON value; every task-level failure is an outcome instead.
+        """
+        line = encode_input({"id": request.task_id, "input": request.input}) + "\n"
+        run = self._runs.open(request.lease)
+        try:
+            return await self._run(request, line.encode(), run)
+        finally:
+            self._runs.finish(request.lease)
+
+    async def cancel(self, lease: int) -> bool:
+        """Kill the run of ``lease`` (and its process); False if unknown."""
+        return self._runs.cancel(lease)
+
+    async def close(self) -> None:
+        """Kill every run and every process, and remove their scratch dirs."""
+        await self._runs.close()
+        async with self._changed:
+            workers, self._workers = self._workers, []
+        await asyncio.gather(*(worker.retire() for worker in workers))
+        await asyncio.gather(*self._retiring)
+
+    async def _run(self, request: RunRequest, line: bytes, run: Run) -> RunOutcome:
+        acquiring = asyncio.ensure_future(self._acquire(request))
+
+        def stop_acquiring() -> None:
+            acquiring.cancel()
+
+        run.attach(stop_acquiring)
+        try:
+            worker = await acquiring
+        except asyncio.CancelledError:
+            if run.stop_reason is None:
+                raise  # run() itself was cancelled, not the lease
+            return failure(run.stop_reason)
+        finally:
+            run.detach()
+        if isinstance(worker, str):
+            return failure(worker)
+        if run.stop_reason is not None:  # cancelled just as a process became free
+            await self._release(worker, reusable=True)
+            return failure(run.stop_reason)
+        reusable = False
+        try:
+            outcome, reusable = await self._exchange(worker, request, line, run)
+            return outcome
+        finally:
+            await self._release(worker, reusable)
+
+    async def _exchange(
+        self, worker: _Worker, request: RunRequest, line: bytes, run: Run
+    ) -> tuple[RunOutcome, bool]:
+        """Send one task and read its reply. Returns the outcome and whether the process
+        may take another task."""
+        limits = request.limits
+        run.attach(worker.kill)
+        cpu_before = process_cpu_seconds(worker.proc.pid)
+        started = time.monotonic()
+        try:
+            reply = await asyncio.wait_for(self._send(worker, line), limits.wall_seconds)
+        except TimeoutError:
+            run.stop(wall_exceeded(limits))
+            reply = None
+        except _ReplyError as exc:
+            run.stop(_malformed(exc, worker))
+            reply = None
+        finally:
+            run.detach()
+        wall = time.monotonic() - started
+        cpu_after = process_cpu_seconds(worker.proc.pid)
+        cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else 0.0
+        if run.stop_reason is not None:
+            return failure(run.stop_reason, cpu, wall), False
+        if reply is None:
+            return failure(await worker.exit_reason(limits), cpu, wall), False
+        try:
+            result, error = _parse_reply(reply, request.task_id)
+        except _ReplyError as exc:  # _release kills the process: its output is out of step
+            return failure(_malformed(exc, worker), cpu, wall), False
+        if error is not None:
+            return failure(error, cpu, wall), True
+        return RunOutcome(True, result, None, cpu, wall), True
+
+    @staticmethod
+    async def _send(worker: _Worker, line: bytes) -> bytes | None:
+        """Write one task line and read one reply line; None if the process went away.
+
+        Raises _ReplyError if the reply line is too long.
+        """
+        assert worker.proc.stdin is not None and worker.proc.stdout is not None
+        try:
+            worker.proc.stdin.write(line)
+            await worker.proc.stdin.drain()
+            reply = await worker.proc.stdout.readline()
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+        except ValueError as exc:  # StreamReader's limit: the line is longer than output_mb
+            raise _ReplyError("longer than the output limit") from exc
+        # A line cut short by end of file means the process died while writing it.
+        return reply if reply.endswith(b"\n") else None
+
+    async def _acquire(self, request: RunRequest) -> _Worker | str:
+        """An idle process for the request's bundle, started if needed; else why not."""
+        key: _PoolKey = (request.bundle_dir, request.entrypoint)
+        async with self._changed:
+            while True:
+                self._drop_dead()
+                for idle in self._workers:
+                    if idle.key == key and not idle.busy:
+                        idle.busy = True
+                        return idle
+                if self._make_room():
+                    self._starting += 1
+                    break
+                await self._changed.wait()
+        worker: _Worker | None = None
+        try:
+            worker = await self._spawn(key, request)
+            return worker
+        except (ExecutionError, OSError, ValueError, subprocess.SubprocessError) as exc:
+            return f"cannot start the task: {exc}"
+        finally:
+            async with self._changed:
+                self._starting -= 1
+                if worker is not None:
+                    self._workers.append(worker)
+                self._changed.notify_all()
+
+    def _make_room(self) -> bool:
+        """Whether one more process may start, retiring an idle one of any bundle if full."""
+        if len(self._workers) + self._starting < self._max_processes:
+            return True
+        idle = next((worker for worker in self._workers if not worker.busy), None)
+        if idle is None:
+            return False
+        self._workers.remove(idle)
+        self._retire_later(idle)
+        return True
+
+    def _drop_dead(self) -> None:
+        """Forget idle processes that died between tasks."""
+        for worker in [w for w in self._workers if not w.busy and not w.alive]:
+            self._workers.remove(worker)
+            self._retire_later(worker)
+
+    def _retire_later(self, worker: _Worker) -> None:
+        task = asyncio.create_task(worker.retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _spawn(self, key: _PoolKey, request: RunRequest) -> _Worker:
+        """Start a process for ``key`` in a scratch dir of its own.
+
+        Raises ExecutionError, OSError, ValueError or SubprocessError if it cannot start.
+        """
+        scratch = self._scratch_root / f"worker-{next(self._serial)}"
+        self._scratch_root.mkdir(parents=True, exist_ok=True)
+        fresh_scratch(scratch)
+        try:
+            launch = build_launch(request.entrypoint, request.bundle_dir, scratch, None)
+            proc = await asyncio.create_subprocess_exec(
+                *launch.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=request.limits.output_mb * MIB,
+                cwd=launch.cwd,
+                env=dict(launch.env),
+                start_new_session=True,
+                preexec_fn=limit_setter(request.limits, limit_cpu=False),
+            )
+        except BaseException:
+            await asyncio.to_thread(remove_tree, scratch)
+            raise
+        return _Worker(key, proc, scratch)
+
+    async def _release(self, worker: _Worker, reusable: bool) -> None:
+        """Return a process to its pool, or retire it if it cannot be trusted with more."""
+        async with self._changed:
+            keep = reusable and worker.alive and not self._runs.closed
+            if keep:
+                # Cleared here, not when a task starts, so that what a process wrote while
+                # starting up (a traceback, say) reaches the first task's error.
+                worker.stderr_tail.clear()
+                worker.busy = False
+            elif worker in self._workers:
+                self._workers.remove(worker)
+        if not keep:
+            await asyncio.shield(worker.retire())
+        async with self._changed:
+            self._changed.notify_all()
+
+
+def _malformed(exc: _ReplyError, worker: _Worker) -> str:
+    return with_stderr(f"malformed reply line: {exc}", bytes(worker.stderr_tail))
+
+
+def _parse_reply(line: bytes, task_id: str) -> tuple[Any, str | None]:
+    """(result, None) or (None, the program's error) from a reply line.
+
+    Raises _ReplyError if the line is not a reply to this task.
+    """
+    try:
+        reply = decode_json(line)
+    except ValueError as exc:
+        raise _ReplyError(f"not JSON ({exc}): {line[:80]!r}") from exc
+    if not isinstance(reply, dict) or reply.get("id") != task_id:
+        raise _ReplyError(f"not a reply to task {task_id!r}: {line[:80]!r}")
+    error = reply.get("error")
+    if error is not None:
+        text = error if isinstance(error, str) else json.dumps(error)
+        return None, text[:_MAX_PROGRAM_ERROR]
+    if "result" not in reply:
+        raise _ReplyError("neither result nor error")
+    return reply["result"], None
