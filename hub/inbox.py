@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from hub.scheduler import ProjectInfo
 from hub.store import Store
 from hub.taskfile import parse_task_file
@@ -76,6 +78,11 @@ class Inbox:
             except OSError as exc:  # moved away meanwhile, or a full disk: try again later
                 log.error("inbox: %s: %s", path.name, exc)
                 continue
+            except SQLAlchemyError as exc:
+                # The database is in trouble: stop here, so what was ingested is handed on;
+                # this file stays in the inbox and is read again on a later scan.
+                log.error("inbox: %s: database error, will retry: %s", path.name, exc)
+                break
             if item is not None:
                 ingested.append(item)
         return ingested

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -136,4 +137,4 @@ class OutboxFile(Base):
 
     __tablename__ = "outbox_files"
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
-    committed_size: Mapped[int] = mapped_column(Integer, default=0)
+    committed_size: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -24,12 +24,14 @@ from hub.outbox import Outbox
 from hub.session import NodeSession
 from hub.store import AsyncStore, Store
 from issc.config import HubConfig
+from issc.errors import StoreError
 from issc.protocol import BUNDLE_CHUNK_SIZE, Cancel, Hello, Offer, ResultAck, TaskOffer
 
 log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between timer rounds (offer and heartbeat expiry)
 INBOX_POLL = 0.5
+RETRY_DELAY = 5.0  # after a database or disk error in the inbox or outbox
 MAX_OFFER_BYTES = 2 * 1024 * 1024  # inputs per offer message, well under the frame limit
 _MESSAGE_TYPES = (
     sched.SendWelcome,
@@ -201,11 +203,24 @@ class HubRuntime:
         while True:
             await self._export_wanted.wait()
             self._export_wanted.clear()
-            await self.astore.call(self.outbox.export)
+            try:
+                await self.astore.call(self.outbox.export)
+            except (StoreError, OSError) as exc:
+                # Nothing is lost: unexported tasks stay marked so in the database.
+                log.error("outbox: export failed, retrying in %s s: %s", RETRY_DELAY, exc)
+                await asyncio.sleep(RETRY_DELAY)
+                self._export_wanted.set()
 
     async def inbox_loop(self) -> None:
         while True:
-            for item in await self.astore.call(self.inbox.scan):
+            try:
+                ingested = await self.astore.call(self.inbox.scan)
+            except StoreError as exc:
+                # The file that met the error stays in the inbox and is read again later.
+                log.error("inbox: scan failed, retrying in %s s: %s", RETRY_DELAY, exc)
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            for item in ingested:
                 if item.project is not None:
                     self._bundles.pop(item.project.digest or "", None)
                     self.submit(sched.ProjectUpdated(item.project))

@@ -19,9 +19,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    make_url,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from hub.changes import Change, LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
 from hub.lifecycle import FINAL_STATES, TaskState
@@ -108,10 +119,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and full sync. Raises StoreError."""
     try:
-        if url.startswith("sqlite"):
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            # An in-memory database lives and dies with its one connection: every thread
+            # must share that connection (StaticPool), or each sees an empty database.
+            in_memory = parsed.database in (None, "", ":memory:") or (
+                parsed.query.get("mode") == "memory"
+            )
             engine = create_engine(
                 url,
-                poolclass=NullPool if ":memory:" not in url else None,
+                poolclass=StaticPool if in_memory else NullPool,
                 connect_args={"check_same_thread": False},
             )
             event.listen(engine, "connect", _sqlite_pragmas)
@@ -747,8 +764,12 @@ class AsyncStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="issc-store")
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the store's thread; database errors become StoreError."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args))
+        try:
+            return await loop.run_in_executor(self._executor, lambda: fn(*args))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error in {getattr(fn, '__name__', fn)}: {exc}") from exc
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)

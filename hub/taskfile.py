@@ -19,6 +19,9 @@ from issc.errors import TaskFileError
 
 MAX_TASKS_PER_FILE = 1_000_000
 MAX_INPUT_BYTES = 1024 * 1024  # an input must fit in one frame with room to spare
+# YAML aliases let a few bytes stand for gigabytes ("billion laughs"): a file may not
+# expand to more than the biggest file the inbox takes (hub/inbox.py MAX_INBOX_FILE).
+MAX_EXPANDED_BYTES = 512 * 1024 * 1024
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # safe as a directory name
 _TASK_KEYS = {"id", "input"}
 _JSONL_KEYS = {"project", "id", "input"}
@@ -62,7 +65,7 @@ def _check_entry(entry: Any, line: int, keys: set[str], seen: set[str]) -> TaskE
         raise TaskFileError(f"task {task_id!r} has no input", line)
     try:
         payload = json.dumps(entry["input"], allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TaskFileError(
             f"task {task_id!r}: input is not JSON-serialisable: {exc}", line
         ) from None
@@ -91,6 +94,8 @@ def _parse_jsonl(text: str) -> TaskFile:
             obj = json.loads(raw, parse_constant=_reject_constant)
         except ValueError as exc:
             raise TaskFileError(f"not valid JSON: {exc}", number) from None
+        except RecursionError:
+            raise TaskFileError("not valid JSON: nested too deeply", number) from None
         if not isinstance(obj, dict):
             raise TaskFileError("each line must be a JSON object", number)
         line_project = _check_project(obj.get("project"), number)
@@ -113,13 +118,15 @@ def _reject_constant(name: str) -> Any:
 
 def _parse_yaml(text: str) -> TaskFile:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise TaskFileError(
             f"not valid YAML: {getattr(exc, 'problem', exc)}", mark.line + 1 if mark else None
         ) from None
+    except RecursionError:
+        raise TaskFileError("not valid YAML: nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(root, yaml.MappingNode):
         raise TaskFileError("a task file must be a mapping with project and tasks", 1)
     lines = {key.value: value for key, value in root.value if isinstance(key, yaml.ScalarNode)}
@@ -136,11 +143,80 @@ def _parse_yaml(text: str) -> TaskFile:
     if len(tasks) > MAX_TASKS_PER_FILE:
         raise TaskFileError(f"more than {MAX_TASKS_PER_FILE} tasks in one file")
     seen: set[str] = set()
-    entries = [
-        _check_entry(entry, _line(node) or 0, _TASK_KEYS, seen)
-        for entry, node in zip(tasks, tasks_node.value, strict=True)
-    ]
+    expansion = _Expansion()
+    entries = []
+    for entry, node in zip(tasks, tasks_node.value, strict=True):
+        line = _line(node) or 0
+        expansion.check_task(node, line)
+        entries.append(_check_entry(entry, line, _TASK_KEYS, seen))
     return TaskFile(project, entries)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose value errors (a bad date, a 5000-digit integer, ``!!int abc``)
+    are YAML errors with a position, not a ValueError from deep inside PyYAML."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"bad {node.tag.rsplit(':', 1)[-1]} value: {exc}", node.start_mark
+            ) from None
+
+
+class _Expansion:
+    """Bounds what YAML aliases expand to, before anything is expanded.
+
+    ``size`` is a lower bound of a node's JSON encoding (a string is at least its
+    length, anything else at least one byte), computed once per node however often
+    aliases repeat it.
+    """
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}
+        self.total = 0
+
+    def check_task(self, task: yaml.Node, line: int) -> None:
+        if not isinstance(task, yaml.MappingNode):
+            return
+        for key, value in task.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "input":
+                size = self.size(value, set())
+                if size > MAX_INPUT_BYTES:
+                    raise TaskFileError(
+                        f"input expands to more than {MAX_INPUT_BYTES} bytes (YAML aliases?)",
+                        line,
+                    )
+                self.total += size
+                if self.total > MAX_EXPANDED_BYTES:
+                    raise TaskFileError(
+                        f"the tasks expand to more than {MAX_EXPANDED_BYTES} bytes of input "
+                        "(YAML aliases?)",
+                        line,
+                    )
+
+    def size(self, node: yaml.Node, open_nodes: set[int]) -> int:
+        known = self.sizes.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in open_nodes:
+            raise TaskFileError("an input refers to itself (a recursive YAML alias)", _line(node))
+        if isinstance(node, yaml.ScalarNode):
+            is_str = node.tag == "tag:yaml.org,2002:str"
+            size = len(node.value) + 2 if is_str else 1
+        else:
+            open_nodes.add(id(node))
+            items: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                items = node.value
+            elif isinstance(node, yaml.MappingNode):
+                items = [part for pair in node.value for part in pair]
+            # brackets, then each item and one separator (',' or ':') between items
+            size = 1 + sum(self.size(item, open_nodes) + 1 for item in items) + (not items)
+            open_nodes.discard(id(node))
+        self.sizes[id(node)] = size
+        return size
 
 
 def _line(node: yaml.Node | None) -> int | None:

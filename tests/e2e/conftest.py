@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from e2e_harness import (
     EXAMPLES,
-    GATE_PROGRAM,
     Cluster,
     GateProject,
     OwnerKey,
+    gate_program,
     make_key,
     pack,
     write_project,
@@ -70,8 +70,15 @@ def mandelbrot_bundle(keys_dir: Path, owner_key: OwnerKey) -> Path:
 
 
 @pytest.fixture
-def gate_project(tmp_path: Path, owner_key: OwnerKey) -> GateProject:
+def gate_project(
+    request: pytest.FixtureRequest, tmp_path: Path, owner_key: OwnerKey
+) -> GateProject:
+    """The gate project (see ``gate_program``), packed and signed by ``owner_key``.
+
+    Process mode; parametrize it indirectly with "persistent" for the persistent mode.
+    """
+    mode = getattr(request, "param", "process")
     marks = tmp_path / "marks"
     marks.mkdir()
-    directory = write_project(tmp_path / "gate-src", "gate", GATE_PROGRAM)
+    directory = write_project(tmp_path / "gate-src", "gate", gate_program(mode), mode=mode)
     return GateProject("gate", pack(directory, owner_key, tmp_path / "gate-1.issc"), marks)

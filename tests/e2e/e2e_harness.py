@@ -17,11 +17,16 @@ claim ("this never happens") is checked by ``holds_for`` over a stated window.
 How state is read:
 
 * ``Hub.query(command, **args)``: the hub's control socket, directly (fast; for polling).
-* ``Hub.tasks(project)``: ``issc-ctl --json tasks PROJECT`` where ``hub/ctl.py`` exists,
-  else the same question over the control socket. Same JSON shape either way.
+* ``Hub.tasks(project)`` / ``Hub.task_detail(project, id)``: ``issc-ctl --json tasks`` /
+  ``task`` where ``hub/ctl.py`` exists, else the same question over the control socket.
 * ``Hub.sql(...)``: the SQLite database, read-only, for what no command shows yet (the
   lease history of a task, exact hub-side timestamps).
 * ``read_results(outbox, project)``: the outbox's results.jsonl, the owner's view.
+
+Projects: the sample projects in examples/ (session fixtures ``primes_bundle``,
+``mandelbrot_bundle``), and tiny ones written by ``write_project``; ``gate_program`` is a
+task that waits at a gate file the test opens, so "a task is running" is a state a test
+waits for rather than a guess about timing.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import importlib.util
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -88,7 +92,7 @@ def run_tool(
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.05, what: str = ""
+    predicate: Callable[[], T | None], timeout: float = 15.0, interval: float = 0.05, what: str = ""
 ) -> T:
     """Poll ``predicate`` until it returns something truthy; return that. Raises on timeout."""
     deadline = time.monotonic() + timeout
@@ -449,6 +453,12 @@ class Hub(Proc):
             return list(self.ctl("tasks", project))
         return list(self.query("tasks", project=project))
 
+    def task_detail(self, project: str, task_id: str) -> dict[str, Any]:
+        """``issc-ctl --json task PROJECT ID``: the task with its lease ``history``."""
+        if ctl_available():
+            return dict(self.ctl("task", project, task_id))
+        return dict(self.query("task", project=project, id=task_id))
+
     def task(self, project: str, task_id: str) -> dict[str, Any]:
         found = [t for t in self.query("tasks", project=project) if t["id"] == task_id]
         assert found, f"no task {task_id} in {project}"
@@ -614,27 +624,53 @@ class Cluster:
         return "\n".join(parts)
 
 
-# A process-mode task that waits at a gate: it records that it started (its pid in the
-# name of a marker file), then waits until the file ``<marks>/gate`` exists, then answers.
-# Tests hold tasks "running" for as long as they need and release them at once, so no
-# test waits for a fixed sleep to end.
 GATE_PROGRAM = """\
 import json, os, sys, time
 from pathlib import Path
 
-task = json.load(sys.stdin)
-marks = Path(task["marks"])
-name = os.environ.get("ISSC_TASK_ID", "task")
-(marks / f"started.{name}.{os.getpid()}").write_text("")
-gate = marks / "gate"
-deadline = time.monotonic() + task.get("wait", 60)
-while not gate.exists():
-    if time.monotonic() > deadline:
-        print("the gate never opened", file=sys.stderr)
-        sys.exit(3)
-    time.sleep(0.02)
-print(json.dumps({"task": name, "value": task.get("value")}))
+MODE = "@MODE@"
+# <node data_dir>/bundles/<digest>/main.py: the node's name, as the harness named it.
+NODE = Path(__file__).resolve().parents[2].name.removesuffix("-data")
+
+
+def run(task, name):
+    marks = Path(task["marks"])
+    (marks / f"started.{NODE}.{name}.{os.getpid()}").write_text("")
+    gates = [marks / "gate", marks / f"gate.{NODE}"]
+    deadline = time.monotonic() + task.get("wait", 60)
+    while not any(gate.exists() for gate in gates):
+        if time.monotonic() > deadline:
+            raise SystemExit("the gate never opened")
+        time.sleep(0.02)
+    return {"task": name, "node": NODE, "value": task.get("value")}
+
+
+if MODE == "persistent":
+    for line in sys.stdin:
+        message = json.loads(line)
+        result = run(message["input"], message["id"])
+        print(json.dumps({"id": message["id"], "result": result}), flush=True)
+else:
+    print(json.dumps(run(json.load(sys.stdin), os.environ.get("ISSC_TASK_ID", "task"))))
 """
+
+
+def gate_program(mode: str = "process") -> str:
+    """A task that waits at a gate, for ``mode`` process or persistent.
+
+    It records that it started (``marks/started.<node>.<task>.<pid>``), waits until
+    ``marks/gate`` or ``marks/gate.<node>`` exists, and answers ``{"task", "node", "value"}``.
+    Tests hold tasks "running" for as long as they need and release them at once, so no
+    test waits for a fixed sleep to end.
+    """
+    return GATE_PROGRAM.replace("@MODE@", mode)
+
+
+@dataclass(frozen=True)
+class GateRun:
+    node: str  # the harness name of the node that ran it
+    task: str
+    pid: int
 
 
 @dataclass
@@ -643,24 +679,21 @@ class GateProject:
     bundle: Path
     marks: Path
 
-    def started(self) -> list[tuple[str, int]]:
-        """(task id, pid) of every run that has started so far."""
+    def started(self) -> list[GateRun]:
+        """Every run that has started so far."""
         out = []
         for path in self.marks.glob("started.*"):
-            task_id, _, pid = path.name.removeprefix("started.").rpartition(".")
-            out.append((task_id, int(pid)))
+            node, _, rest = path.name.removeprefix("started.").partition(".")
+            task_id, _, pid = rest.rpartition(".")
+            out.append(GateRun(node, task_id, int(pid)))
         return out
 
-    def open_gate(self) -> None:
-        (self.marks / "gate").write_text("")
+    def open_gate(self, node: str | None = None) -> None:
+        """Let every waiting run finish, or only those on the node named ``node``."""
+        (self.marks / ("gate" if node is None else f"gate.{node}")).write_text("")
 
     def task_input(self, value: Any = None) -> dict[str, Any]:
         return {"marks": str(self.marks), "value": value}
-
-
-def copy_as(source: Path, target: Path) -> Path:
-    shutil.copyfile(source, target)
-    return target
 
 
 def run_example(example: str, script: str, *args: str | Path) -> subprocess.CompletedProcess[str]:

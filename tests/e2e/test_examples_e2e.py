@@ -71,6 +71,10 @@ def test_primes_on_two_nodes_every_task_once(
     assert {t["state"] for t in tasks} == {"C"}
     assert hub.query("status")["tasks"]["C"] == len(expected_ids)
 
+    # SIGTERM with nodes connected: a clean, prompt stop that takes its files with it.
+    assert hub.stop(timeout=10) == 0
+    assert not hub.addr_file.exists() and not hub.control_socket.exists()
+
 
 def test_mandelbrot_persistent_mode_picture(
     cluster: Cluster, owner_key: OwnerKey, mandelbrot_bundle: Path, tmp_path: Path

@@ -20,16 +20,22 @@ from e2e_harness import (
 
 pytestmark = pytest.mark.e2e
 
-# Persistent mode keeps each task cheap, so 200 of them make a run of a few seconds.
+# Persistent mode keeps each task cheap, so 200 of them make a run of a few seconds. A task
+# whose input names a gate file waits until it exists: the test holds two tasks running
+# across the outage, so their results are certain to wait in a node's spool.
 DOUBLE_PROGRAM = """\
-import json, sys, time
+import json, os, sys, time
 for line in sys.stdin:
     message = json.loads(line)
     value = message["input"]
     time.sleep(value["sleep"])
+    deadline = time.monotonic() + 60
+    while value["gate"] and not os.path.exists(value["gate"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
     print(json.dumps({"id": message["id"], "result": value["n"] * 2}), flush=True)
 """
 TASKS = 200
+HELD = {"d-40", "d-41"}  # two slots of four stay busy; the other two keep the hub busy
 
 
 def test_hub_killed_mid_run_loses_nothing_and_duplicates_nothing(
@@ -40,6 +46,7 @@ def test_hub_killed_mid_run_loses_nothing_and_duplicates_nothing(
         owner_key,
         tmp_path / "double-1.issc",
     )
+    gate = tmp_path / "gate"
     # A fixed port, so the nodes find the restarted hub by themselves. A long heartbeat
     # window, so leases restored at restart outlive the nodes' reconnect back-off: this
     # test is about durability, not about lease expiry.
@@ -49,28 +56,34 @@ def test_hub_killed_mid_run_loses_nothing_and_duplicates_nothing(
     nodes = [cluster.node(hub, f"node{i}", trusted_keys=keys, slots=2) for i in (1, 2)]
     for node in nodes:
         node.wait_joined(hub)
+    tasks = [
+        (f"d-{n}", {"n": n, "sleep": 0.01, "gate": str(gate) if f"d-{n}" in HELD else None})
+        for n in range(TASKS)
+    ]
     submitted = time.monotonic()
-    hub.submit(
-        write_tasks(
-            tmp_path / "double.jsonl",
-            "double",
-            [(f"d-{n}", {"n": n, "sleep": 0.03}) for n in range(TASKS)],
-        )
-    )
+    hub.submit(write_tasks(tmp_path / "double.jsonl", "double", tasks))
 
-    wait_until(lambda: len(hub.results("double")) >= TASKS // 3, 30, 0.01, "a third of the results")
-    hub.kill(signal.SIGKILL)
+    def held_running_and_a_third_done() -> bool:
+        if len(hub.results("double")) < TASKS // 3:
+            return False
+        states = {t["id"]: t["state"] for t in hub.query("tasks", project="double")}
+        return all(states[task_id] == "A" for task_id in HELD)
+
+    wait_until(held_running_and_a_third_done, 30, 0.01, "a third of the results")
+    hub.kill(signal.SIGKILL)  # while the two free slots keep results and offers flowing
     killed = time.monotonic()
     at_kill = len(hub.results("double"))
     assert at_kill < TASKS, "the run ended before the hub could be killed"
+    held_leases = {h["id"] for t in HELD for h in hub.lease_history("double", t)[-1:]}
 
-    # The nodes finish what they hold; with no hub, the results wait in their spools.
-    spooled = wait_until(
-        lambda: {lease for node in nodes for lease in node.spooled()},
+    # With no hub, the nodes finish what they hold and keep the results in their spools.
+    gate.write_text("")
+    wait_until(
+        lambda: held_leases <= {lease for node in nodes for lease in node.spooled()},
         10,
-        what="a result to be spooled while the hub is down",
+        what="the held tasks' results in the spools",
     )
-    spooled |= {lease for node in nodes for lease in node.spooled()}
+    spooled = {lease for node in nodes for lease in node.spooled()}
     restarted = time.monotonic()
     hub.start()
     results = hub.wait_results("double", TASKS, timeout=60)
@@ -86,6 +99,7 @@ def test_hub_killed_mid_run_loses_nothing_and_duplicates_nothing(
     assert len(results) == TASKS
     assert {r["state"] for r in results} == {"C"}
     assert all(r["result"] == 2 * int(r["id"][2:]) for r in results)
+    assert all(r["attempts"] == 1 for r in results if r["id"] in HELD)
 
     # Every result spooled during the outage was delivered and accepted once the hub was
     # back: the lease that produced it is the lease that completed its task.

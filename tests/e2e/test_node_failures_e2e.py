@@ -28,8 +28,13 @@ from e2e_harness import (
 
 pytestmark = pytest.mark.e2e
 
-# The hub checks heartbeats every 0.25 s (its tick); add commit time and scheduling noise.
-LOSS_MARGIN = 0.75
+# The hub checks heartbeats every 0.25 s (its tick); add commit time and the scheduling
+# noise of a loaded 2-core machine.
+LOSS_MARGIN = 1.0
+# The node's last word came at most one heartbeat interval (plus noise) before the freeze
+# or the kill, so the loss comes no sooner than this after it. A lease dropped as soon as
+# the connection breaks would come in well under it.
+LOSS_EARLIEST = LEASE_WINDOW - 2 * HEARTBEAT_INTERVAL
 
 
 def start_one_task(
@@ -76,10 +81,7 @@ def test_frozen_node_loses_its_lease_and_another_node_finishes(
         f"(window {LEASE_WINDOW:g} s = {HEARTBEAT_INTERVAL:g} s x misses); {lost['detail']}"
     )
     assert lost["outcome"] == "lost" and lost["node"] == frozen_id
-    # Not before the window (the last beat came at most one interval before the freeze)...
-    assert lost_after >= LEASE_WINDOW - HEARTBEAT_INTERVAL - 0.1
-    # ...and not much after it.
-    assert lost_after <= LEASE_WINDOW + LOSS_MARGIN
+    assert LOSS_EARLIEST <= lost_after <= LEASE_WINDOW + LOSS_MARGIN
 
     gate_project.open_gate()
     rescuer_id = rescuer.wait_joined(hub)
@@ -104,24 +106,57 @@ def test_frozen_node_loses_its_lease_and_another_node_finishes(
     assert (task["state"], task["node"], task["attempts"]) == ("C", rescuer_id, 2)
 
 
+def test_late_result_of_a_frozen_node_wins_and_the_rescuer_is_cancelled(
+    cluster: Cluster, owner_key: OwnerKey, gate_project: GateProject, tmp_path: Path
+) -> None:
+    hub, frozen, frozen_id = start_one_task(cluster, gate_project, owner_key, tmp_path, "frozen")
+    [frozen_run] = gate_project.started()
+    frozen.kill(signal.SIGSTOP)
+    rescuer = cluster.node(hub, "rescuer", trusted_keys={"gate": owner_key.public}, slots=1)
+    assert wait_lease_ended(hub)["outcome"] == "lost"
+    rescuer_id = rescuer.wait_joined(hub)
+    rescuer_run = wait_until(
+        lambda: next((r for r in gate_project.started() if r.node == "rescuer"), None),
+        what="the rescuer to run the task",
+    )
+
+    # The frozen node's run finishes while its node is still frozen; once thawed, the node
+    # delivers that result for a lease the hub has already given to the rescuer.
+    gate_project.open_gate("frozen")
+    wait_until(lambda: not pid_alive(frozen_run.pid), what="the frozen node's run to end")
+    frozen.kill(signal.SIGCONT)
+    [line] = hub.wait_results("gate", 1)
+    assert (line["state"], line["node"], line["attempts"]) == ("C", frozen_id, 2)
+    assert line["result"]["node"] == "frozen"
+    history = hub.lease_history("gate", "t-1")
+    assert [(h["outcome"], h["node"]) for h in history] == [
+        ("lost", frozen_id),
+        ("superseded", rescuer_id),
+    ]
+    # The hub cancels the rescuer's now useless run, and nothing more is recorded.
+    wait_until(lambda: not pid_alive(rescuer_run.pid), what="the rescuer's run to be killed")
+    holds_for(lambda: len(hub.results("gate")) == 1, 1.0, what="exactly one results line")
+    assert rescuer.alive and rescuer_id in hub.connected_nodes()
+
+
 def test_killed_node_task_goes_back_and_completes_elsewhere(
     cluster: Cluster, owner_key: OwnerKey, gate_project: GateProject, tmp_path: Path
 ) -> None:
     hub, victim, victim_id = start_one_task(cluster, gate_project, owner_key, tmp_path, "victim")
     rescuer = cluster.node(hub, "rescuer", trusted_keys={"gate": owner_key.public}, slots=1)
     rescuer_id = rescuer.wait_joined(hub)
-    [(_, orphan_pid)] = gate_project.started()
+    [run] = gate_project.started()
 
     victim.kill(signal.SIGKILL)
     killed_at = time.time()
     lost = wait_lease_ended(hub)
     lost_after = float(lost["ended_at"]) - killed_at  # type: ignore[arg-type]
     print(f"\nSIGKILL: lease lost {lost_after:.2f} s after the kill; {lost['detail']}")
-    print(f"task process of the killed node still running: {pid_alive(orphan_pid)}")
+    print(f"task process of the killed node still running: {pid_alive(run.pid)}")
     assert lost["outcome"] == "lost" and lost["node"] == victim_id
     # The dropped connection alone does not end the lease (the node may come back and
     # resume it); the missed heartbeats do.
-    assert LEASE_WINDOW - HEARTBEAT_INTERVAL - 0.1 <= lost_after <= LEASE_WINDOW + LOSS_MARGIN
+    assert LOSS_EARLIEST <= lost_after <= LEASE_WINDOW + LOSS_MARGIN
 
     # Back to NA, then offered to the rescuer, which now runs it (it waits at the gate).
     wait_until(lambda: hub.task("gate", "t-1")["node"] == rescuer_id, what="the re-offer")
@@ -133,12 +168,13 @@ def test_killed_node_task_goes_back_and_completes_elsewhere(
     assert [h["outcome"] for h in history] == ["lost", "completed"]
 
 
+@pytest.mark.parametrize("gate_project", ["process", "persistent"], indirect=True)
 def test_clean_stop_gives_the_lease_back(
     cluster: Cluster, owner_key: OwnerKey, gate_project: GateProject, tmp_path: Path
 ) -> None:
     hub, leaver, leaver_id = start_one_task(cluster, gate_project, owner_key, tmp_path, "leaver")
-    [(_, task_pid)] = gate_project.started()
-    assert pid_alive(task_pid)
+    [run] = gate_project.started()
+    assert pid_alive(run.pid)
 
     stopped_at = time.monotonic()
     leaver.kill(signal.SIGTERM)
@@ -146,8 +182,9 @@ def test_clean_stop_gives_the_lease_back(
     took = time.monotonic() - stopped_at
     print(f"\nSIGTERM: node exited with status {status} after {took:.2f} s")
     assert status == 0
-    # Its task process is gone with it, and so is anything else that ran from its bundles.
-    assert not pid_alive(task_pid)
+    # Its task process (or persistent worker) is gone with it, and so is anything else
+    # that ran from its bundles.
+    assert not pid_alive(run.pid)
     assert processes_naming(str(leaver.data_dir)) == []
 
     given_back = wait_lease_ended(hub)

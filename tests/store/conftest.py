@@ -1,15 +1,17 @@
 """One contract suite for the store, run over every backend (as dramatiq's conftest does).
 
 ``store_url`` is parametrized over ``sqlite`` (a WAL file in tmp_path, the default
-URL form) and ``postgresql`` (a fresh database per test on the session's server; see
+URL form) and ``postgresql`` (a fresh schema per test on the session's server; see
 pgcluster.py). Where no PostgreSQL can be had the postgresql cases are skipped with
 the reason, unless ``ISSC_TEST_PG_REQUIRED=1`` (set it in CI), which makes them fail.
+``-k sqlite`` or ``-k postgresql`` picks one backend.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 from pgcluster import ENV_URL, ServerUnavailable, TempCluster, find_bindir, fresh_database_name
@@ -20,10 +22,6 @@ from hub.store import Store
 
 BACKENDS = ("sqlite", "postgresql")
 REQUIRED_ENV = "ISSC_TEST_PG_REQUIRED"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "postgresql: needs a PostgreSQL server (see pgcluster.py)")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +47,7 @@ def pg_admin_url() -> Iterator[str]:
         cluster.stop()
 
 
-def _unavailable(reason: str) -> None:
+def _unavailable(reason: str) -> NoReturn:
     if os.environ.get(REQUIRED_ENV) == "1":
         pytest.fail(f"{REQUIRED_ENV}=1 but {reason}", pytrace=False)
     pytest.skip(reason)
@@ -78,12 +76,7 @@ def pg_database(pg_admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", id="sqlite"),
-        pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgresql),
-    ]
-)
+@pytest.fixture(params=BACKENDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> str:
     """A database URL of an empty database on each backend."""
     if request.param == "sqlite":

@@ -15,6 +15,7 @@ trying things by hand: ``python tests/store/pgcluster.py``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -130,7 +131,9 @@ class TempCluster:
             **kwargs,  # type: ignore[call-overload]
         )
         if done.returncode != 0:
-            log = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            log = (
+                self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            )
             raise ServerUnavailable(
                 f"{Path(args[0]).name} failed ({done.returncode}): "
                 f"{(done.stderr or done.stdout).strip()[-2000:]}\n{log}"
@@ -172,7 +175,8 @@ class TempCluster:
     def stop(self) -> None:
         """Stop the server (if it runs) and remove everything it had."""
         if (self.data_dir / "postmaster.pid").exists():
-            try:
+            # If it will not stop, removing its directory makes it exit within a minute.
+            with contextlib.suppress(ServerUnavailable, subprocess.TimeoutExpired):
                 self._run(
                     str(self.bindir / "pg_ctl"),
                     "stop",
@@ -182,8 +186,6 @@ class TempCluster:
                     "immediate",
                     "--wait",
                 )
-            except (ServerUnavailable, subprocess.TimeoutExpired):
-                pass  # removing the directory below makes a stray server exit on its own
         shutil.rmtree(self.base, ignore_errors=True)
 
 

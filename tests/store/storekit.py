@@ -48,14 +48,10 @@ def register(
 
 
 def entries(ids: Sequence[str], first_line: int = 1) -> list[TaskEntry]:
-    return [
-        TaskEntry(task_id, f'{{"n":{i}}}', first_line + i) for i, task_id in enumerate(ids)
-    ]
+    return [TaskEntry(task_id, f'{{"n":{i}}}', first_line + i) for i, task_id in enumerate(ids)]
 
 
-def add(
-    store: Store, project: str, ids: Sequence[str], source: str | None = None
-) -> list[int]:
+def add(store: Store, project: str, ids: Sequence[str], source: str | None = None) -> list[int]:
     """Add tasks as one inbox file would; returns their keys."""
     sha = source or hashlib.sha256(repr((project, tuple(ids))).encode()).hexdigest()
     _, pks = store.add_tasks(project, entries(ids), sha, f"{ids[0]}.jsonl", T0)

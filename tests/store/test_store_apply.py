@@ -40,7 +40,10 @@ def accept(lease: int, pk: int, node: str, at: float, attempts: int = 1) -> list
 
 
 def requeue(lease: int, pk: int, outcome: str, at: float, attempts: int) -> list[Change]:
-    return [LeaseEnded(lease, outcome, f"why {lease}", at), TaskUpdated(pk, NA, attempts, None, None)]
+    return [
+        LeaseEnded(lease, outcome, f"why {lease}", at),
+        TaskUpdated(pk, NA, attempts, None, None),
+    ]
 
 
 class World:
