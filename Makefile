@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint unit e2e bench clean
 
@@ -27,6 +28,15 @@ unit: $(STAMP)
 
 e2e: $(STAMP)
 	$(BIN)/pytest -q tests/e2e
+
+# The peer (Dask) that the benchmarks compare against; installed once, beside the dev tools.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/store_commit.py
 
 clean:
 	rm -rf $(VENV) demo-run *.egg-info .pytest_cache .mypy_cache .ruff_cache

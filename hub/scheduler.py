@@ -504,7 +504,8 @@ class Scheduler:
         if outcome == LeaseOutcome.REFUSED and not lease.accepted:
             task.attempts += 1  # refusing the bundle is a failed attempt, not a give-back
         if task.attempts >= self.settings.max_attempts:
-            error = f"gave up after {task.attempts} attempts; last: {outcome}: {detail}"
+            tries = f"{task.attempts} attempt{'s' if task.attempts != 1 else ''}"
+            error = f"gave up after {tries}; last: {outcome}: {detail}"
             self._finish(task, TaskState.F, lease, None, now, error=error)
         else:
             self._requeue(task, TaskEvent.LEASE_LOST)

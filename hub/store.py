@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.pool import NullPool, StaticPool
+from sqlalchemy.pool import QueuePool, StaticPool
 
 from hub.changes import Change, LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
 from hub.lifecycle import FINAL_STATES, TaskState
@@ -128,7 +128,9 @@ def make_engine(url: str) -> Engine:
             )
             engine = create_engine(
                 url,
-                poolclass=StaticPool if in_memory else NullPool,
+                # One thread uses the store, so a file database keeps one pooled connection
+                # (QueuePool) instead of opening one, with its PRAGMAs, per call.
+                poolclass=StaticPool if in_memory else QueuePool,
                 connect_args={"check_same_thread": False},
             )
             event.listen(engine, "connect", _sqlite_pragmas)

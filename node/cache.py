@@ -89,8 +89,10 @@ class BundleCache:
             os.replace(part, archive)
         except BundleError as exc:
             part.unlink(missing_ok=True)
-            self.refused[digest] = str(exc)
-            raise
+            # The reason travels to the hub and the owner: it must not reveal local paths.
+            reason = str(exc).replace(f"{part}: ", "").replace(str(self.directory), "<cache>")
+            self.refused[digest] = reason
+            raise BundleError(reason) from None
         self._manifests[digest] = manifest
         return self.directory / digest
 

@@ -36,6 +36,7 @@ will close that gap. ``build_launch`` is the seam where bubblewrap will wrap the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import resource
@@ -144,11 +145,40 @@ def limit_setter(limits: Limits, *, limit_cpu: bool) -> Callable[[], None]:
     if limit_cpu:
         wanted.append((resource.RLIMIT_CPU, math.ceil(limits.wall_seconds) + 1))
 
+    parent = os.getpid()
+    libc = _libc()
+
     def apply() -> None:
+        _die_with(parent, libc)
         for which, value in wanted:
             _lower_rlimit(which, value)
 
     return apply
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _libc() -> ctypes.CDLL | None:
+    """libc, loaded in the parent: the child between fork and exec should not dlopen."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _die_with(parent: int, libc: ctypes.CDLL | None) -> None:
+    """Ask the kernel to SIGKILL this child when the node dies, even by SIGKILL.
+
+    The signal follows the thread that forked, so tasks must be started from the node's
+    event-loop thread (they are). Not available off Linux: then this does nothing.
+    """
+    if libc is None:
+        return
+    with contextlib.suppress(AttributeError, OSError):
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the node died before the request took effect
+        os._exit(1)
 
 
 def _lower_rlimit(which: int, value: int) -> None:

@@ -152,7 +152,8 @@ def test_killed_node_task_goes_back_and_completes_elsewhere(
     lost = wait_lease_ended(hub)
     lost_after = float(lost["ended_at"]) - killed_at  # type: ignore[arg-type]
     print(f"\nSIGKILL: lease lost {lost_after:.2f} s after the kill; {lost['detail']}")
-    print(f"task process of the killed node still running: {pid_alive(run.pid)}")
+    # The kernel kills the task with its node (PR_SET_PDEATHSIG): nothing runs on unwatched.
+    wait_until(lambda: not pid_alive(run.pid), timeout=5, what="the task to die with its node")
     assert lost["outcome"] == "lost" and lost["node"] == victim_id
     # The dropped connection alone does not end the lease (the node may come back and
     # resume it); the missed heartbeats do.
