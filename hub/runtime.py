@@ -65,7 +65,6 @@ class HubRuntime:
         self._wake = asyncio.Event()
         self._export_wanted = asyncio.Event()
         self._bundles: dict[str, bytes] = {}
-        self.tasks_finished = 0
         self.batches = 0
 
     # ---- events in --------------------------------------------------------------------
@@ -145,9 +144,7 @@ class HubRuntime:
             # A failure here is fatal on purpose: memory would be ahead of the database.
             await self.astore.call(self.store.apply, changes)
             self.batches += 1
-            finished = sum(isinstance(c, TaskFinished) for c in changes)
-            if finished:
-                self.tasks_finished += finished
+            if any(isinstance(c, TaskFinished) for c in changes):
                 self._export_wanted.set()
         for message in messages:
             await self._deliver(message)

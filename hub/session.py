@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from hub import scheduler as sched
-from issc import __version__
 from issc.errors import IsscError, LocalProtocolError, RemoteProtocolError, StoreError
 from issc.protocol import (
     CLOSED,
@@ -281,5 +280,3 @@ def _check_hello(hello: Hello) -> str | None:
         return "too many projects or leases"
     return None
 
-
-SOFTWARE = f"issc-hub/{__version__}"

@@ -107,6 +107,22 @@ def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterable[Sequence[T]]:
         yield items[start : start + size]
 
 
+def _update_by_id(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    """``UPDATE table SET ... WHERE id = :id`` for every row, as one executemany.
+
+    Every row must have the same keys: ``id`` and the columns to set.
+    """
+    if not rows:
+        return
+    columns = [key for key in rows[0] if key != "id"]
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values({column: bindparam(f"b_{column}") for column in columns})
+    )
+    conn.execute(statement, [{f"b_{key}": value for key, value in row.items()} for row in rows])
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -233,106 +249,74 @@ class Store:
     # ---- scheduler changes ------------------------------------------------------------
 
     def apply(self, changes: Sequence[Change]) -> None:
-        """Write one batch of scheduler changes in one transaction."""
-        offered = [c for c in changes if isinstance(c, LeaseOffered)]
-        accepted = [c for c in changes if isinstance(c, LeaseAccepted)]
-        ended = [c for c in changes if isinstance(c, LeaseEnded)]
-        updated = [c for c in changes if isinstance(c, TaskUpdated)]
-        finished = [c for c in changes if isinstance(c, TaskFinished)]
-        lease_t, task_t = LEASES, TASKS
+        """Write one batch of scheduler changes in one transaction.
+
+        Within a batch, lease inserts come first and task rows are updated in the order
+        the scheduler changed them, so the last change of a row wins.
+        """
         try:
             with self.engine.begin() as conn:
+                offered = [
+                    {"id": c.lease, "task_id": c.task_pk, "node_id": c.node_id, "offered_at": c.at}
+                    for c in changes
+                    if isinstance(c, LeaseOffered)
+                ]
                 if offered:
-                    conn.execute(
-                        insert(lease_t),
-                        [
-                            {
-                                "id": c.lease,
-                                "task_id": c.task_pk,
-                                "node_id": c.node_id,
-                                "offered_at": c.at,
-                            }
-                            for c in offered
-                        ],
-                    )
-                if accepted:
-                    conn.execute(
-                        update(lease_t)
-                        .where(lease_t.c.id == bindparam("b_id"))
-                        .values(accepted_at=bindparam("b_at")),
-                        [{"b_id": c.lease, "b_at": c.at} for c in accepted],
-                    )
-                if ended:
-                    conn.execute(
-                        update(lease_t)
-                        .where(lease_t.c.id == bindparam("b_id"))
-                        .values(
-                            ended_at=bindparam("b_at"),
-                            outcome=bindparam("b_outcome"),
-                            detail=bindparam("b_detail"),
-                        ),
-                        [
-                            {
-                                "b_id": c.lease,
-                                "b_at": c.at,
-                                "b_outcome": c.outcome,
-                                "b_detail": c.detail,
-                            }
-                            for c in ended
-                        ],
-                    )
-                if updated:
-                    conn.execute(
-                        update(task_t)
-                        .where(task_t.c.id == bindparam("b_id"))
-                        .values(
-                            state=bindparam("b_state"),
-                            attempts=bindparam("b_attempts"),
-                            lease_id=bindparam("b_lease"),
-                            node_id=bindparam("b_node"),
-                        ),
-                        [
-                            {
-                                "b_id": c.task_pk,
-                                "b_state": str(c.state),
-                                "b_attempts": c.attempts,
-                                "b_lease": c.lease,
-                                "b_node": c.node_id,
-                            }
-                            for c in updated
-                        ],
-                    )
+                    conn.execute(insert(LEASES), offered)
+                _update_by_id(
+                    conn,
+                    LEASES,
+                    [
+                        {"id": c.lease, "accepted_at": c.at}
+                        for c in changes
+                        if isinstance(c, LeaseAccepted)
+                    ],
+                )
+                _update_by_id(
+                    conn,
+                    LEASES,
+                    [
+                        {"id": c.lease, "ended_at": c.at, "outcome": c.outcome, "detail": c.detail}
+                        for c in changes
+                        if isinstance(c, LeaseEnded)
+                    ],
+                )
+                _update_by_id(
+                    conn,
+                    TASKS,
+                    [
+                        {
+                            "id": c.task_pk,
+                            "state": str(c.state),
+                            "attempts": c.attempts,
+                            "lease_id": c.lease,
+                            "node_id": c.node_id,
+                        }
+                        for c in changes
+                        if isinstance(c, TaskUpdated)
+                    ],
+                )
+                finished = [c for c in changes if isinstance(c, TaskFinished)]
                 if finished:
                     self._write_finished(conn, finished)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot commit a batch of {len(changes)} changes: {exc}") from None
 
     def _write_finished(self, conn: Any, finished: list[TaskFinished]) -> None:
-        task_t, result_t, vol_t = TASKS, RESULTS, VOLUNTEERS
-        conn.execute(
-            update(task_t)
-            .where(task_t.c.id == bindparam("b_id"))
-            .values(
-                state=bindparam("b_state"),
-                attempts=bindparam("b_attempts"),
-                lease_id=bindparam("b_lease"),
-                node_id=bindparam("b_node"),
-                volunteer=bindparam("b_volunteer"),
-                error=bindparam("b_error"),
-                cpu_seconds=bindparam("b_cpu"),
-                finished_at=bindparam("b_at"),
-            ),
+        _update_by_id(
+            conn,
+            TASKS,
             [
                 {
-                    "b_id": c.task_pk,
-                    "b_state": str(c.state),
-                    "b_attempts": c.attempts,
-                    "b_lease": c.lease,
-                    "b_node": c.node_id,
-                    "b_volunteer": c.volunteer,
-                    "b_error": c.error,
-                    "b_cpu": c.cpu_seconds,
-                    "b_at": c.at,
+                    "id": c.task_pk,
+                    "state": str(c.state),
+                    "attempts": c.attempts,
+                    "lease_id": c.lease,
+                    "node_id": c.node_id,
+                    "volunteer": c.volunteer,
+                    "error": c.error,
+                    "cpu_seconds": c.cpu_seconds,
+                    "finished_at": c.at,
                 }
                 for c in finished
             ],
@@ -340,7 +324,7 @@ class Store:
         completed = [c for c in finished if c.state is TaskState.C and c.lease is not None]
         if completed:
             conn.execute(
-                insert(result_t),
+                insert(RESULTS),
                 [
                     {
                         "lease_id": c.lease,
@@ -362,11 +346,11 @@ class Store:
                     credit[c.volunteer] = (n + 1, cpu + c.cpu_seconds)
             if credit:
                 conn.execute(
-                    update(vol_t)
-                    .where(vol_t.c.name == bindparam("b_name"))
+                    update(VOLUNTEERS)
+                    .where(VOLUNTEERS.c.name == bindparam("b_name"))
                     .values(
-                        tasks_completed=vol_t.c.tasks_completed + bindparam("b_n"),
-                        credit=vol_t.c.credit + bindparam("b_cpu"),
+                        tasks_completed=VOLUNTEERS.c.tasks_completed + bindparam("b_n"),
+                        credit=VOLUNTEERS.c.credit + bindparam("b_cpu"),
                     ),
                     [{"b_name": k, "b_n": n, "b_cpu": cpu} for k, (n, cpu) in credit.items()],
                 )

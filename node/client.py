@@ -141,7 +141,6 @@ class NodeClient:
         self.stopping = False
         self.heartbeat_interval = 5.0
         self.heartbeat_misses = 3
-        self.connected = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -203,7 +202,6 @@ class NodeClient:
     def _drop_link(self, link: _Link) -> None:
         if self.link is link:
             self.link = None
-            self.connected.clear()
         for download in link.downloads.values():
             if not download.done.done():
                 download.done.set_exception(ConnectionError("connection lost during download"))
@@ -257,7 +255,6 @@ class NodeClient:
                 log.info("lease %d was not resumed by the hub; stopping it", lease)
                 self._cancel_run(lease, running)
         self.link = link
-        self.connected.set()
         for lease in self.spool.leases():
             record = self.spool.load(lease)
             if record is not None:
