@@ -185,6 +185,7 @@ class HubRuntime:
                     digest=project.digest,
                     size=project.size,
                     input=json.loads(input_json),
+                    files=[],
                 )
             )
             size += len(input_json)

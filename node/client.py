@@ -458,6 +458,7 @@ class NodeClient:
             "error": outcome.error,
             "cpu_seconds": outcome.cpu_seconds,
             "wall_seconds": outcome.wall_seconds,
+            "files": [],
         }
         self.spool.put(offer.lease, record)
         log.info(

@@ -26,6 +26,8 @@ from issc.protocol.messages import (
     Decline,
     Error,
     FetchBundle,
+    FetchFile,
+    FileChunk,
     Goodbye,
     Heartbeat,
     HeartbeatAck,
@@ -35,6 +37,8 @@ from issc.protocol.messages import (
     Ready,
     Result,
     ResultAck,
+    Upload,
+    UploadAck,
     Welcome,
     decode_message,
     encode_message,
@@ -84,8 +88,10 @@ CLOSED: Final = Closed()
 
 Event = Message | NeedData | Closed
 
-_NODE_WORK: Final = (Heartbeat, Ready, Accept, Decline, BundleRefused, FetchBundle, Result)
-_HUB_WORK: Final = (Offer, Cancel, BundleChunk, ResultAck, HeartbeatAck)
+_NODE_WORK: Final = (
+    Heartbeat, Ready, Accept, Decline, BundleRefused, FetchBundle, FetchFile, Upload, Result,
+)  # fmt: skip
+_HUB_WORK: Final = (Offer, Cancel, BundleChunk, FileChunk, UploadAck, ResultAck, HeartbeatAck)
 
 TRANSITIONS: Final[Mapping[tuple[Role, State, type[Message]], State]] = MappingProxyType(
     {

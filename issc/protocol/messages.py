@@ -66,6 +66,21 @@ def _register(cls: type[_M]) -> type[_M]:
     return cls
 
 
+# ---------------------------------------------------------------- nested records
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileRef:
+    """A file by name and content: a task's input (``in/NAME``) or output (``out/NAME``).
+
+    Encoded as a map without ``"t"``. ``name`` is a plain file name; ``sha256`` is hex.
+    """
+
+    name: str
+    sha256: str
+    size: int
+
+
 # ---------------------------------------------------------------- node -> hub
 
 
@@ -147,6 +162,33 @@ class FetchBundle(Message):
 
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FetchFile(Message):
+    """Ask for an input file's bytes from ``offset`` (a resumed download starts mid-file)."""
+
+    TAG: ClassVar[str] = "fetch_file"
+    sha256: str
+    offset: int
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Upload(Message):
+    """A chunk of an output file of lease ``lease``, at ``offset`` of ``size`` bytes.
+
+    An empty ``data`` at offset 0 asks the hub how much it already holds (upload_ack).
+    """
+
+    TAG: ClassVar[str] = "upload"
+    lease: int
+    name: str
+    sha256: str
+    size: int
+    offset: int
+    data: bytes
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Result(Message):
     """The outcome of one lease."""
 
@@ -159,6 +201,7 @@ class Result(Message):
     error: str | None
     cpu_seconds: float
     wall_seconds: float
+    files: list[FileRef]  # output files, uploaded (upload) before the result is sent
 
 
 @_register
@@ -199,6 +242,7 @@ class TaskOffer:
     digest: str
     size: int
     input: Any
+    files: list[FileRef]  # input files, fetched by digest with fetch_file
 
 
 @_register
@@ -230,6 +274,33 @@ class BundleChunk(Message):
     offset: int
     total: int
     data: bytes
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileChunk(Message):
+    """Bytes ``offset`` .. ``offset + len(data)`` of an input file of ``total`` bytes."""
+
+    TAG: ClassVar[str] = "file_chunk"
+    sha256: str
+    offset: int
+    total: int
+    data: bytes
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadAck(Message):
+    """The hub holds ``received`` bytes of an output file durably; send from there.
+
+    ``received == size`` means the file is complete and its digest checked. After a
+    digest mismatch the hub discards the data and answers ``received: 0``.
+    """
+
+    TAG: ClassVar[str] = "upload_ack"
+    lease: int
+    name: str
+    received: int
 
 
 @_register

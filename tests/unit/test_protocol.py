@@ -36,6 +36,9 @@ from issc.protocol import (
     Error,
     ErrorCode,
     FetchBundle,
+    FetchFile,
+    FileChunk,
+    FileRef,
     Goodbye,
     Heartbeat,
     HeartbeatAck,
@@ -49,6 +52,8 @@ from issc.protocol import (
     Role,
     State,
     TaskOffer,
+    Upload,
+    UploadAck,
     Welcome,
     check_field_value,
     decode_message,
@@ -90,6 +95,7 @@ RESULT = Result(
     error=None,
     cpu_seconds=0.41,
     wall_seconds=0.5,
+    files=[FileRef(name="counts.json", sha256=DIGEST, size=120)],
 )
 
 OFFER = Offer(
@@ -102,6 +108,7 @@ OFFER = Offer(
             digest=DIGEST,
             size=2048,
             input={"from": 0, "to": 10000},
+            files=[FileRef(name="stopwords.txt", sha256=DIGEST, size=4096)],
         ),
         TaskOffer(
             lease=12,
@@ -111,6 +118,7 @@ OFFER = Offer(
             digest=DIGEST,
             size=2048,
             input=[1, "two", 3.0, None, [], {}],
+            files=[],
         ),
     ]
 )
@@ -127,12 +135,16 @@ SAMPLES: dict[str, Message] = {
         project="primes", digest=DIGEST, reason="bad signature", leases=[14]
     ),
     "fetch_bundle": FetchBundle(digest=DIGEST, offset=1024),
+    "fetch_file": FetchFile(sha256=DIGEST, offset=4096),
+    "upload": Upload(lease=7, name="out.png", sha256=DIGEST, size=10, offset=4, data=b"abcdef"),
     "result": RESULT,
     "goodbye": Goodbye(reason="volunteer stopped the node"),
     "welcome": WELCOME,
     "offer": OFFER,
     "cancel": Cancel(leases=[9], reason="task cancelled by owner"),
     "bundle_chunk": BundleChunk(digest=DIGEST, offset=0, total=3, data=b"\x00\xff\x10"),
+    "file_chunk": FileChunk(sha256=DIGEST, offset=0, total=3, data=b"abc"),
+    "upload_ack": UploadAck(lease=7, name="out.png", received=10),
     "result_ack": ResultAck(lease=7, accepted=True, reason=None),
     "heartbeat_ack": HeartbeatAck(),
     "error": Error(code=ErrorCode.PROTOCOL, message="bad frame"),
@@ -255,6 +267,7 @@ def test_nested_task_offer_has_no_tag() -> None:
         "digest",
         "size",
         "input",
+        "files",
     }
 
 
