@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from hub.blobs import ContentStore
 from hub.control import ControlServer
 from hub.inbox import Inbox
 from hub.outbox import Outbox
@@ -52,9 +53,10 @@ class Hub:
             len(scheduler.leases),
             len(scheduler.projects),
         )
-        inbox = Inbox(config.data_dir / "inbox", store)
-        outbox = Outbox(config.data_dir / "outbox", store)
-        runtime = self.runtime = HubRuntime(config, store, scheduler, inbox, outbox)
+        files = ContentStore(config.data_dir / "files")
+        inbox = Inbox(config.data_dir / "inbox", store, files)
+        outbox = Outbox(config.data_dir / "outbox", store, files)
+        runtime = self.runtime = HubRuntime(config, store, scheduler, inbox, outbox, files)
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await NodeSession(runtime, reader, writer).serve()

@@ -13,6 +13,15 @@ from hub.lifecycle import TaskState
 
 
 @dataclass(frozen=True, slots=True)
+class FileInfo:
+    """A file by name and content: an input of a task or an output of a result."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseOffered:
     lease: int
     task_pk: int
@@ -60,6 +69,7 @@ class TaskFinished:
     cpu_seconds: float
     wall_seconds: float
     at: float
+    files: tuple[FileInfo, ...] = ()  # output files of the accepted result
 
 
 Change = LeaseOffered | LeaseAccepted | LeaseEnded | TaskUpdated | TaskFinished

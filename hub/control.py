@@ -98,6 +98,7 @@ class ControlServer:
             "listen": self.listen_address,
             "uptime_seconds": round(rt.now() - rt.started_at, 1),
             "commit_batches": rt.batches,
+            "transfers": dict(rt.transfers),
         }
 
     async def nodes(self, args: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from hub.blobs import ContentStore
+from hub.inputs import InputResolver
 from hub.scheduler import ProjectInfo
 from hub.store import Store
 from hub.taskfile import parse_task_file
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_INBOX_FILE = 512 * 1024 * 1024
 TASK_SUFFIXES = (".yaml", ".yml", ".jsonl")
 BUNDLE_SUFFIX = ".issc"
+STRAY_GRACE = 600.0  # seconds an unused input file may wait for its task file
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +48,9 @@ def waiting_files(inbox: Path) -> list[Path]:
     ready = []
     for entry in os.scandir(inbox):
         name = entry.name
-        if (
-            name.startswith(".")
-            or name.endswith(".part")
-            or not entry.is_file(follow_symlinks=False)
-        ):
+        if name.startswith(".") or not name.endswith((BUNDLE_SUFFIX, *TASK_SUFFIXES)):
+            continue  # hidden or .part (still being written), or an input file
+        if not entry.is_file(follow_symlinks=False):
             continue
         try:
             ready.append((entry.stat().st_mtime, name))
@@ -61,11 +62,13 @@ def waiting_files(inbox: Path) -> list[Path]:
 class Inbox:
     """Ingests inbox files; the caller hands what they added to the scheduler."""
 
-    def __init__(self, inbox: Path, store: Store) -> None:
+    def __init__(self, inbox: Path, store: Store, files: ContentStore) -> None:
         self.inbox = inbox
         self.accepted = inbox / "accepted"
         self.rejected = inbox / "rejected"
         self.store = store
+        self.files = files
+        self._consumed: set[str] = set()  # input files (relative paths) of accepted task files
         for directory in (self.inbox, self.accepted, self.rejected):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -85,7 +88,48 @@ class Inbox:
                 break
             if item is not None:
                 ingested.append(item)
+        self._retire_inputs()
+        self._reject_strays(time.time())
         return ingested
+
+    def _retire_inputs(self) -> None:
+        """Move the input files of accepted task files to accepted/, at the same place.
+
+        A file that a task file still waiting in the inbox mentions stays for that one.
+        """
+        if not self._consumed:
+            return
+        waiting = [p.read_text("utf-8", "replace") for p in waiting_files(self.inbox)
+                   if p.name.endswith(TASK_SUFFIXES)]  # fmt: skip
+        for rel in sorted(self._consumed):
+            if any(rel in text for text in waiting):
+                continue
+            source = self.inbox / rel
+            if source.is_file() and not source.is_symlink():
+                target = self._free_name(self.accepted / Path(rel).parent, Path(rel).name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+                _remove_empty_parents(source.parent, self.inbox)
+        self._consumed.clear()
+
+    def _reject_strays(self, now: float) -> None:
+        """Reject files no task file used within STRAY_GRACE seconds of their arrival."""
+        for path in _data_files(self.inbox):
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age < STRAY_GRACE:
+                continue
+            rel = path.relative_to(self.inbox)
+            reason = (
+                f"not a bundle ({BUNDLE_SUFFIX}) or task file ({', '.join(TASK_SUFFIXES)}), "
+                f"and no task file used it within {STRAY_GRACE // 60:.0f} minutes"
+            )
+            target_dir = self.rejected / rel.parent
+            target_dir.mkdir(parents=True, exist_ok=True)
+            self._reject(path, reason, target_dir)
+            _remove_empty_parents(path.parent, self.inbox)
 
     def ingest(self, path: Path) -> Ingested | None:
         """Ingest one file and move it aside; a bad file is rejected, never raised."""
@@ -128,23 +172,21 @@ class Inbox:
                 "" if changed else " (already registered)",
             )
             return Ingested(project=project)
-        if name.endswith(TASK_SUFFIXES):
-            task_file = parse_task_file(name, data)
-            project_id, pks = self.store.add_tasks(
-                task_file.project, task_file.entries, digest, name, now
-            )
-            log.info("inbox: %s: %d tasks for %s", name, len(pks), task_file.project)
-            return Ingested(project_id=project_id, task_pks=tuple(pks))
-        raise IsscError(
-            f"unknown kind of file: expected {BUNDLE_SUFFIX} (bundle) or "
-            f"{', '.join(TASK_SUFFIXES)} (task file)"
-        )
+        task_file = parse_task_file(name, data)
+        inputs = InputResolver(self.inbox, self.files)
+        entries = [inputs.resolve(entry) for entry in task_file.entries]
+        project_id, pks = self.store.add_tasks(task_file.project, entries, digest, name, now)
+        log.info("inbox: %s: %d tasks for %s, %d input files", name, len(pks),
+                 task_file.project, len(inputs.used))  # fmt: skip
+        self._consumed.update(inputs.used)
+        return Ingested(project_id=project_id, task_pks=tuple(pks))
 
-    def _reject(self, path: Path, reason: str) -> None:
+    def _reject(self, path: Path, reason: str, directory: Path | None = None) -> None:
         log.warning("inbox: rejected %s: %s", path.name, reason)
-        target = self._free_name(self.rejected, path.name)
-        note = self.rejected / f"{target.name}.error.txt"
-        tmp = self.rejected / f".{note.name}.tmp"
+        directory = directory or self.rejected
+        target = self._free_name(directory, path.name)
+        note = directory / f"{target.name}.error.txt"
+        tmp = directory / f".{note.name}.tmp"
         tmp.write_text(f"{path.name}: {reason}\n", encoding="utf-8")
         os.replace(tmp, note)
         os.replace(path, target)
@@ -161,3 +203,29 @@ class Inbox:
             counter += 1
             candidate = directory / f"{name}.{counter}"
         return candidate
+
+
+def _data_files(inbox: Path) -> list[Path]:
+    """Files in the inbox that are not bundles or task files at its top level."""
+    found = []
+    for root, dirs, names in os.walk(inbox):
+        here = Path(root)
+        if here == inbox:
+            dirs[:] = [d for d in dirs if d not in ("accepted", "rejected")]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            top_level_work = here == inbox and name.endswith((BUNDLE_SUFFIX, *TASK_SUFFIXES))
+            # Hidden and .part files are still being written: never strays.
+            if not name.startswith(".") and not name.endswith(".part") and not top_level_work:
+                found.append(here / name)
+    return found
+
+
+def _remove_empty_parents(directory: Path, stop: Path) -> None:
+    """Remove ``directory`` and its parents while they are empty, up to ``stop``."""
+    while directory != stop and stop in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent

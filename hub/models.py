@@ -31,6 +31,7 @@ class Project(Base):
     size: Mapped[int] = mapped_column(Integer)
     mode: Mapped[str] = mapped_column(String(16))
     quorum: Mapped[int] = mapped_column(Integer, default=1)
+    output_mb: Mapped[int] = mapped_column(Integer, default=64)  # limits.output_mb
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
 
@@ -138,3 +139,31 @@ class OutboxFile(Base):
     __tablename__ = "outbox_files"
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
     committed_size: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Blob(Base):
+    """A file in the hub's content store (<data_dir>/files), input or output, by digest."""
+
+    __tablename__ = "blobs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class TaskInput(Base):
+    """An input file of a task: placed as in/NAME before the run."""
+
+    __tablename__ = "task_inputs"
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+
+
+class Output(Base):
+    """An output file of an accepted result, keyed by the lease that produced it."""
+
+    __tablename__ = "outputs"
+    lease_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    size: Mapped[int] = mapped_column(BigInteger)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from hub.blobs import ContentStore
 from hub.store import FinishedTask, Store, iso_time
 
 log = logging.getLogger(__name__)
@@ -33,16 +35,17 @@ def result_line(task: FinishedTask) -> dict[str, Any]:
         "attempts": task.attempts,
         "cpu_seconds": round(task.cpu_seconds, 3),
         "finished_at": iso_time(task.finished_at),
-        "files": [],
+        "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in task.files],
     }
 
 
 class Outbox:
     """Writes finished tasks to the outbox. Runs on the store's thread (blocking I/O)."""
 
-    def __init__(self, outbox_dir: Path, store: Store) -> None:
+    def __init__(self, outbox_dir: Path, store: Store, files: ContentStore) -> None:
         self.outbox_dir = outbox_dir
         self.store = store
+        self.files = files
 
     def export(self) -> int:
         """Write every finished, unexported task; return how many lines were written."""
@@ -53,12 +56,36 @@ class Outbox:
                 by_project[task.project].append(task)
             sizes = self.store.outbox_sizes()
             for project, tasks in by_project.items():
+                for task in tasks:
+                    self._place_files(project, task)
                 new_size = self._append(project, tasks, sizes.get(project, 0))
                 self.store.mark_exported(project, [t.pk for t in tasks], new_size)
                 written += len(tasks)
             if len(batch) < BATCH:
                 break
         return written
+
+    def _place_files(self, project: str, task: FinishedTask) -> None:
+        """Copy a task's output files to ``files/<task id>/`` before its line is written.
+
+        Copying again after a crash writes the same bytes, so each file lands once.
+        """
+        if not task.files:
+            return
+        directory = self.outbox_dir / project / "files" / task.task_id
+        directory.mkdir(parents=True, exist_ok=True)
+        for ref in task.files:
+            target = directory / ref.name
+            tmp = directory / f".{ref.name}.tmp"
+            shutil.copyfile(self.files.path(ref.sha256), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _append(self, project: str, tasks: list[FinishedTask], committed: int) -> int:
         directory = self.outbox_dir / project

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hub import scheduler as sched
+from hub.blobs import FILE_NAME_RE, ContentStore, UploadArea
 from hub.changes import Change, TaskFinished
 from hub.inbox import Inbox
 from hub.outbox import Outbox
@@ -25,13 +26,22 @@ from hub.session import NodeSession
 from hub.store import AsyncStore, Store
 from issc.config import HubConfig
 from issc.errors import StoreError
-from issc.protocol import BUNDLE_CHUNK_SIZE, Cancel, Hello, Offer, ResultAck, TaskOffer
+from issc.protocol import (
+    BUNDLE_CHUNK_SIZE,
+    Cancel,
+    FileRef,
+    Hello,
+    Offer,
+    ResultAck,
+    TaskOffer,
+)
 
 log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between timer rounds (offer and heartbeat expiry)
 INBOX_POLL = 0.5
-RETRY_DELAY = 5.0  # after a database or disk error in the inbox or outbox
+RETRY_DELAY = 5.0
+MAX_OUTPUT_FILES = 64  # after a database or disk error in the inbox or outbox
 MAX_OFFER_BYTES = 2 * 1024 * 1024  # inputs per offer message, well under the frame limit
 _MESSAGE_TYPES = (
     sched.SendWelcome,
@@ -50,6 +60,7 @@ class HubRuntime:
         scheduler: sched.Scheduler,
         inbox: Inbox,
         outbox: Outbox,
+        files: ContentStore,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -65,6 +76,10 @@ class HubRuntime:
         self._wake = asyncio.Event()
         self._export_wanted = asyncio.Event()
         self._bundles: dict[str, bytes] = {}
+        self.files = files
+        self.uploads = UploadArea(config.data_dir / "uploads", self.files)
+        self._declared: dict[int, dict[str, int]] = {}  # lease -> output name -> size
+        self.transfers = {"bundle_bytes_sent": 0, "file_bytes_sent": 0, "upload_bytes_received": 0}
         self.batches = 0
 
     # ---- events in --------------------------------------------------------------------
@@ -118,7 +133,52 @@ class HubRuntime:
             self._bundles[digest] = content
         if offset > len(content):
             return None
-        return len(content), content[offset : offset + BUNDLE_CHUNK_SIZE]
+        data = content[offset : offset + BUNDLE_CHUNK_SIZE]
+        self.transfers["bundle_bytes_sent"] += len(data)
+        return len(content), data
+
+    async def file_chunk(self, sha256: str, offset: int) -> tuple[int, bytes] | None:
+        """(total size, data) of an input file from ``offset``, or None if there is none."""
+        chunk = await asyncio.to_thread(self.files.read, sha256, offset, BUNDLE_CHUNK_SIZE)
+        if chunk is not None:
+            self.transfers["file_bytes_sent"] += len(chunk[1])
+        return chunk
+
+    def upload_wanted(self, lease: int) -> bool:
+        """False once the lease's task is finished (or the lease unknown): no bytes needed."""
+        return lease in self.scheduler.leases or lease in self.scheduler.past_leases
+
+    def upload_refusal(self, node_id: str, lease: int, name: str, size: int) -> str | None:
+        """Why this node may not upload this output file for this lease, or None."""
+        holder = self.scheduler.leases.get(lease) or self.scheduler.past_leases.get(lease)
+        if holder is None or holder.node_id != node_id:
+            return f"lease {lease} is not an unfinished lease of this node"
+        if not FILE_NAME_RE.match(name):
+            return f"output name {name[:80]!r} is not a plain file name"
+        task = self.scheduler.tasks[holder.task_pk]
+        limit = self.scheduler.projects[task.project_id].output_mb * 1024 * 1024
+        declared = self._declared.setdefault(lease, {})
+        declared[name] = size
+        if len(declared) > MAX_OUTPUT_FILES:
+            return f"more than {MAX_OUTPUT_FILES} output files"
+        if sum(declared.values()) > limit:
+            return f"output files total more than the project's output_mb limit ({limit} bytes)"
+        return None
+
+    async def upload(
+        self, lease: int, name: str, sha256: str, size: int, offset: int, data: bytes
+    ) -> int:
+        """Store a chunk of an output file; returns the bytes the hub now holds."""
+        held = await asyncio.to_thread(self.uploads.write, lease, name, sha256, size, offset, data)
+        self.transfers["upload_bytes_received"] += len(data)
+        return held
+
+    def missing_output(self, files: Sequence[FileRef]) -> FileRef | None:
+        """The first listed output file the content store does not hold, if any."""
+        for ref in files:
+            if self.files.size(ref.sha256) != ref.size:
+                return ref
+        return None
 
     # ---- the loops --------------------------------------------------------------------
 
@@ -144,8 +204,10 @@ class HubRuntime:
             # A failure here is fatal on purpose: memory would be ahead of the database.
             await self.astore.call(self.store.apply, changes)
             self.batches += 1
-            if any(isinstance(c, TaskFinished) for c in changes):
+            finished = [c for c in changes if isinstance(c, TaskFinished)]
+            if finished:
                 self._export_wanted.set()
+                await asyncio.to_thread(self._discard_uploads, finished)
         for message in messages:
             await self._deliver(message)
 
@@ -173,7 +235,7 @@ class HubRuntime:
         batch: list[TaskOffer] = []
         size = 0
         for item in items:
-            task_id, input_json = payloads[item.task_pk]
+            task_id, input_json, files = payloads[item.task_pk]
             project = item.project
             assert project.digest is not None
             batch.append(
@@ -185,7 +247,7 @@ class HubRuntime:
                     digest=project.digest,
                     size=project.size,
                     input=json.loads(input_json),
-                    files=[],
+                    files=[FileRef(name=f.name, sha256=f.sha256, size=f.size) for f in files],
                 )
             )
             size += len(input_json)
@@ -194,6 +256,16 @@ class HubRuntime:
                 batch, size = [], 0
         if batch:
             session.send(Offer(tasks=batch))
+
+    def _discard_uploads(self, finished: Sequence[TaskFinished]) -> None:
+        """Partial uploads of leases that can no longer deliver a result are deleted."""
+        for change in finished:
+            if change.lease is not None:
+                self._declared.pop(change.lease, None)
+        live = self.scheduler.leases.keys() | self.scheduler.past_leases.keys()
+        for lease in self.uploads.leases():
+            if lease not in live:
+                self.uploads.discard(lease)
 
     async def export_loop(self) -> None:
         """Write finished tasks to the outbox, off the event loop, coalescing requests."""

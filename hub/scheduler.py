@@ -19,6 +19,7 @@ from typing import Any
 
 from hub.changes import (
     Change,
+    FileInfo,
     LeaseAccepted,
     LeaseEnded,
     LeaseOffered,
@@ -48,6 +49,7 @@ class ProjectInfo:
     size: int
     paused: bool = False
     quorum: int = 1
+    output_mb: int = 64  # the bundle's limits.output_mb: a cap on uploads for its tasks
 
 
 @dataclass(slots=True)
@@ -148,6 +150,7 @@ class ResultReceived:
     cpu_seconds: float
     wall_seconds: float
     now: float
+    files: tuple[FileInfo, ...] = ()  # output files, already uploaded and checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +591,7 @@ class Scheduler:
                 cpu_seconds=result.cpu_seconds if result else 0.0,
                 wall_seconds=result.wall_seconds if result else 0.0,
                 at=now,
+                files=result.files if result and result.ok else (),
             )
         )
         for lease_id in task.past_leases:

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from hub import scheduler as sched
+from hub.blobs import SHA256_RE
+from hub.changes import FileInfo
 from issc.errors import IsscError, LocalProtocolError, RemoteProtocolError, StoreError
 from issc.protocol import (
     CLOSED,
@@ -28,6 +30,8 @@ from issc.protocol import (
     Error,
     ErrorCode,
     FetchBundle,
+    FetchFile,
+    FileChunk,
     Goodbye,
     Heartbeat,
     HeartbeatAck,
@@ -36,6 +40,8 @@ from issc.protocol import (
     Ready,
     Result,
     Role,
+    Upload,
+    UploadAck,
     Welcome,
 )
 
@@ -76,6 +82,8 @@ class NodeSession:
             Decline: self._on_decline,
             BundleRefused: self._on_bundle_refused,
             FetchBundle: self._on_fetch_bundle,
+            FetchFile: self._on_fetch_file,
+            Upload: self._on_upload,
             Result: self._on_result,
             Goodbye: self._on_goodbye,
             Error: self._on_error,
@@ -243,7 +251,46 @@ class NodeSession:
         total, data = chunk
         self.send(BundleChunk(digest=message.digest, offset=message.offset, total=total, data=data))
 
+    async def _on_fetch_file(self, message: FetchFile) -> None:
+        chunk = await self.runtime.file_chunk(message.sha256, message.offset)
+        if chunk is None:
+            raise RemoteProtocolError(
+                f"fetch_file: no file {message.sha256[:16]!r} at offset {message.offset}"
+            )
+        total, data = chunk
+        self.send(FileChunk(sha256=message.sha256, offset=message.offset, total=total, data=data))
+
+    async def _on_upload(self, message: Upload) -> None:
+        if not self.runtime.upload_wanted(message.lease):
+            # The task finished meanwhile: say "complete" so the node moves on to its
+            # result, which the hub then acknowledges without recording it.
+            self.send(UploadAck(lease=message.lease, name=message.name, received=message.size))
+            return
+        refusal = self.runtime.upload_refusal(
+            self._id, message.lease, message.name, message.size
+        ) or _bad_digest(message.sha256)
+        if refusal is not None:
+            raise RemoteProtocolError(f"upload: {refusal}")
+        held = await self.runtime.upload(
+            message.lease,
+            message.name,
+            message.sha256,
+            message.size,
+            message.offset,
+            message.data,
+        )
+        self.send(UploadAck(lease=message.lease, name=message.name, received=held))
+
     def _on_result(self, message: Result) -> None:
+        wanted = message.ok and self.runtime.upload_wanted(message.lease)
+        missing = self.runtime.missing_output(message.files) if wanted else None
+        if missing is not None:
+            # The node thinks the file is here; tell it what the hub holds so it resumes.
+            held = self.runtime.uploads.received(
+                message.lease, missing.name, missing.sha256, missing.size
+            )
+            self.send(UploadAck(lease=message.lease, name=missing.name, received=held))
+            return
         error = message.error[-4000:] if message.error else message.error
         event = sched.ResultReceived(
             self._id,
@@ -254,6 +301,7 @@ class NodeSession:
             max(0.0, message.cpu_seconds),
             max(0.0, message.wall_seconds),
             self.runtime.now(),
+            tuple(FileInfo(f.name, f.sha256, f.size) for f in message.files) if message.ok else (),
         )
         self.runtime.submit(event)
 
@@ -268,6 +316,10 @@ class NodeSession:
         self.close()
 
 
+def _bad_digest(sha256: str) -> str | None:
+    return None if SHA256_RE.match(sha256) else "sha256 must be 64 lowercase hex digits"
+
+
 def _check_hello(hello: Hello) -> str | None:
     """Why a hello is unacceptable, or None."""
     if not _NAME_RE.match(hello.volunteer):
@@ -279,4 +331,3 @@ def _check_hello(hello: Hello) -> str | None:
     if len(hello.projects) > 256 or len(hello.leases) > 4 * MAX_SLOTS:
         return "too many projects or leases"
     return None
-

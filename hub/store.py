@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -34,18 +34,29 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from hub.changes import Change, LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
+from hub.changes import (
+    Change,
+    FileInfo,
+    LeaseAccepted,
+    LeaseEnded,
+    LeaseOffered,
+    TaskFinished,
+    TaskUpdated,
+)
 from hub.lifecycle import FINAL_STATES, TaskState
 from hub.models import (
     Base,
+    Blob,
     Bundle,
     InboxFile,
     Lease,
     Node,
     OutboxFile,
+    Output,
     Project,
     Result,
     Task,
+    TaskInput,
     Volunteer,
 )
 from hub.scheduler import LeaseRec, ProjectInfo, Snapshot, TaskRec
@@ -62,6 +73,7 @@ def _table(model: type[Base]) -> Table:
 PROJECTS, BUNDLES, VOLUNTEERS, NODES = map(_table, (Project, Bundle, Volunteer, Node))
 TASKS, LEASES, RESULTS = map(_table, (Task, Lease, Result))
 INBOX_FILES, OUTBOX_FILES = map(_table, (InboxFile, OutboxFile))
+BLOBS, TASK_INPUTS, OUTPUTS = map(_table, (Blob, TaskInput, Output))
 _CHUNK = 500  # rows per IN (...) query, well under every database's parameter limit
 
 
@@ -72,6 +84,8 @@ class TaskEntry:
     task_id: str
     input_json: str
     line: int
+    file_paths: tuple[tuple[str, str], ...] = ()  # (NAME, PATH) as written in the task file
+    files: tuple[FileInfo, ...] = ()  # the same files once they are in the content store
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +103,8 @@ class FinishedTask:
     attempts: int
     cpu_seconds: float
     finished_at: float
+    lease: int | None = None
+    files: tuple[FileInfo, ...] = ()  # output files of the accepted result
 
 
 def iso_time(stamp: float | None) -> str | None:
@@ -121,6 +137,35 @@ def _update_by_id(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
         .values({column: bindparam(f"b_{column}") for column in columns})
     )
     conn.execute(statement, [{f"b_{key}": value for key, value in row.items()} for row in rows])
+
+
+def _insert_task_inputs(
+    conn: Any, entries: Sequence[TaskEntry], pks: Sequence[int], now: float
+) -> None:
+    """Record the input files of new tasks, and each new content once in ``blobs``."""
+    rows = [
+        {"task_id": pk, "name": f.name, "sha256": f.sha256}
+        for entry, pk in zip(entries, pks, strict=True)
+        for f in entry.files
+    ]
+    if not rows:
+        return
+    _insert_blobs(conn, {f.sha256: f.size for entry in entries for f in entry.files}, now)
+    conn.execute(insert(TASK_INPUTS), rows)
+
+
+def _insert_blobs(conn: Any, sizes: dict[str, int], now: float) -> None:
+    """Add a ``blobs`` row for each digest that has none yet."""
+    known: set[str] = set()
+    for chunk in _chunks(list(sizes)):
+        known.update(conn.execute(select(Blob.sha256).where(Blob.sha256.in_(chunk))).scalars())
+    new = [
+        {"sha256": sha, "size": size, "created_at": now}
+        for sha, size in sizes.items()
+        if sha not in known
+    ]
+    if new:
+        conn.execute(insert(BLOBS), new)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -322,6 +367,16 @@ class Store:
             ],
         )
         completed = [c for c in finished if c.state is TaskState.C and c.lease is not None]
+        outputs = [
+            {"lease_id": c.lease, "name": f.name, "sha256": f.sha256, "size": f.size}
+            for c in completed
+            for f in c.files
+        ]
+        if outputs:
+            _insert_blobs(
+                conn, {f.sha256: f.size for c in completed for f in c.files}, completed[0].at
+            )
+            conn.execute(insert(OUTPUTS), outputs)
         if completed:
             conn.execute(
                 insert(RESULTS),
@@ -386,6 +441,7 @@ class Store:
                 "size": len(content),
                 "mode": manifest.mode,
                 "quorum": manifest.quorum,
+                "output_mb": manifest.limits.output_mb,
             }
             if row is None:
                 project_id = conn.execute(
@@ -474,6 +530,7 @@ class Store:
                         ],
                     )
                     pks.extend(row[0] for row in result)
+                _insert_task_inputs(conn, entries, pks, now)
                 conn.execute(
                     insert(INBOX_FILES).values(
                         sha256=sha256,
@@ -502,15 +559,23 @@ class Store:
                     f"duplicate task id {first.task_id!r}: the project already has it", first.line
                 )
 
-    def offer_payloads(self, pks: Sequence[int]) -> dict[int, tuple[str, str]]:
-        """task key -> (task id, input JSON) for building offers."""
-        out: dict[int, tuple[str, str]] = {}
+    def offer_payloads(self, pks: Sequence[int]) -> dict[int, tuple[str, str, list[FileInfo]]]:
+        """task key -> (task id, input JSON, input files) for building offers."""
+        out: dict[int, tuple[str, str, list[FileInfo]]] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks(pks):
                 rows = conn.execute(
                     select(Task.id, Task.name, Task.input_json).where(Task.id.in_(list(chunk)))
                 )
-                out.update((pk, (name, payload)) for pk, name, payload in rows)
+                out.update((pk, (name, payload, [])) for pk, name, payload in rows)
+                files = conn.execute(
+                    select(TaskInput.task_id, TaskInput.name, TaskInput.sha256, Blob.size)
+                    .join(Blob, Blob.sha256 == TaskInput.sha256)
+                    .where(TaskInput.task_id.in_(list(chunk)))
+                    .order_by(TaskInput.task_id, TaskInput.name)
+                )
+                for pk, name, sha, size in files:
+                    out[pk][2].append(FileInfo(name, sha, size))
         return out
 
     # ---- volunteers and nodes ---------------------------------------------------------
@@ -585,6 +650,7 @@ class Store:
                 task_t.c.attempts,
                 task_t.c.cpu_seconds,
                 task_t.c.finished_at,
+                task_t.c.lease_id,
             )
             .join(proj_t, proj_t.c.id == task_t.c.project_id)
             .outerjoin(res_t, res_t.c.lease_id == task_t.c.lease_id)
@@ -593,7 +659,21 @@ class Store:
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            return [FinishedTask(*row) for row in conn.execute(query)]
+            tasks = [FinishedTask(*row) for row in conn.execute(query)]
+            leases = [t.lease for t in tasks if t.state == "C" and t.lease is not None]
+            files: dict[int, list[FileInfo]] = {}
+            for chunk in _chunks(leases):
+                rows = conn.execute(
+                    select(Output.lease_id, Output.name, Output.sha256, Output.size)
+                    .where(Output.lease_id.in_(list(chunk)))
+                    .order_by(Output.lease_id, Output.name)
+                )
+                for lease, name, sha, size in rows:
+                    files.setdefault(lease, []).append(FileInfo(name, sha, size))
+        return [
+            replace(t, files=tuple(files.get(t.lease, ()))) if t.lease in files else t
+            for t in tasks
+        ]
 
     def outbox_sizes(self) -> dict[str, int]:
         with self.engine.connect() as conn:
@@ -739,6 +819,7 @@ def _project_info(row: Any) -> ProjectInfo:
         size=row.size,
         paused=bool(row.paused),
         quorum=row.quorum,
+        output_mb=row.output_mb,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from hub.blobs import FILE_NAME_RE
 from hub.store import TaskEntry
 from issc.errors import TaskFileError
 
@@ -23,8 +24,10 @@ MAX_INPUT_BYTES = 1024 * 1024  # an input must fit in one frame with room to spa
 # expand to more than the biggest file the inbox takes (hub/inbox.py MAX_INBOX_FILE).
 MAX_EXPANDED_BYTES = 512 * 1024 * 1024
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # safe as a directory name
-_TASK_KEYS = {"id", "input"}
-_JSONL_KEYS = {"project", "id", "input"}
+_TASK_KEYS = {"id", "input", "files"}
+_JSONL_KEYS = {"project", "id", "input", "files"}
+MAX_FILES_PER_TASK = 64
+MAX_PATH_CHARS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +52,7 @@ def _check_entry(entry: Any, line: int, keys: set[str], seen: set[str]) -> TaskE
         raise TaskFileError("a task must be a mapping with id and input", line)
     for key in entry:
         if key not in keys:
-            hint = " (input files arrive with a later version)" if key == "files" else ""
-            raise TaskFileError(f"unknown key {key!r} in task{hint}", line)
+            raise TaskFileError(f"unknown key {key!r} in task", line)
     task_id = entry.get("id")
     if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
         raise TaskFileError(
@@ -74,7 +76,30 @@ def _check_entry(entry: Any, line: int, keys: set[str], seen: set[str]) -> TaskE
             f"task {task_id!r}: input is {len(payload)} bytes, over the {MAX_INPUT_BYTES} limit",
             line,
         )
-    return TaskEntry(task_id, payload, line)
+    file_paths = _check_files(entry.get("files"), task_id, line)
+    return TaskEntry(task_id, payload, line, file_paths=file_paths)
+
+
+def _check_files(files: Any, task_id: str, line: int) -> tuple[tuple[str, str], ...]:
+    """``files: {NAME: PATH}`` as (NAME, PATH) pairs; the paths are checked at ingestion."""
+    if files is None:
+        return ()
+    if not isinstance(files, dict):
+        raise TaskFileError(f"task {task_id!r}: files must be a mapping of NAME: PATH", line)
+    if len(files) > MAX_FILES_PER_TASK:
+        raise TaskFileError(f"task {task_id!r}: more than {MAX_FILES_PER_TASK} files", line)
+    pairs = []
+    for name, path in files.items():
+        if not isinstance(name, str) or not FILE_NAME_RE.match(name):
+            raise TaskFileError(
+                f"task {task_id!r}: file name {name!r} must be a plain file name "
+                "(letters, digits, '_', '.', '-'; not starting with '.' or '-')",
+                line,
+            )
+        if not isinstance(path, str) or not path or len(path) > MAX_PATH_CHARS:
+            raise TaskFileError(f"task {task_id!r}: files.{name} must be a path", line)
+        pairs.append((name, path))
+    return tuple(pairs)
 
 
 def _check_project(project: Any, line: int | None) -> str:

@@ -183,7 +183,9 @@ def test_add_tasks_returns_keys_in_file_order(store: Store) -> None:
     assert project_id == info.id
     assert len(pks) == len(set(pks)) == 5
     payloads = store.offer_payloads(pks)
-    assert [payloads[pk] for pk in pks] == [(tid, f'{{"n":{i}}}') for i, tid in enumerate(ids)]
+    assert [payloads[pk] for pk in pks] == [
+        (tid, f'{{"n":{i}}}', []) for i, tid in enumerate(ids)
+    ]
     assert store.inbox_file("f" * 64) == ("batch.jsonl", "accepted")
     assert store.load_snapshot().waiting == {info.id: pks}
     row = task_row(store, pks[0])
@@ -265,7 +267,7 @@ def test_offer_payloads_of_some_keys(store: Store) -> None:
     wanted = [*pks[::3], 999_999]
     payloads = store.offer_payloads(wanted)
     assert set(payloads) == set(pks[::3])
-    assert payloads[pks[3]] == ("t3", '{"n":3}')
+    assert payloads[pks[3]] == ("t3", '{"n":3}', [])
     assert store.offer_payloads([]) == {}
 
 
@@ -473,7 +475,7 @@ def test_tasks_of_an_unknown_project(busy: Store) -> None:
 
 
 def test_task_history(busy: Store) -> None:
-    (pk,) = [p for p, (name, _) in busy.offer_payloads(range(1, 10)).items() if name == "d"]
+    (pk,) = [p for p, (name, *_) in busy.offer_payloads(range(1, 10)).items() if name == "d"]
     busy.apply(
         [
             LeaseOffered(5, pk, "n-00000001", T0 + 100),

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hub import outbox as outbox_module
+from hub.blobs import ContentStore
 from hub.changes import LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished
 from hub.lifecycle import TaskState
 from hub.outbox import Outbox
@@ -41,7 +42,7 @@ class Hub:
         self.store = Store(f"sqlite:///{tmp_path}/hub.db")
         self.store.create_schema()
         self.outbox_dir = tmp_path / "outbox"
-        self.outbox = Outbox(self.outbox_dir, self.store)
+        self.outbox = Outbox(self.outbox_dir, self.store, ContentStore(tmp_path / "files"))
         self.next_lease = 1
         self.pks: dict[tuple[str, str], int] = {}
 
