@@ -30,6 +30,7 @@ _HUB_KEYS = {
 }  # fmt: skip
 _NODE_KEYS = {
     "hub", "volunteer", "token", "data_dir", "projects", "trusted_keys", "slots", "relay", "tls",
+    "file_cache_mb", "file_cache_days",
 }  # fmt: skip
 
 
@@ -101,6 +102,16 @@ class NodeConfig:
     slots: int
     relay: RelayConfig | None
     tls: ClientTls | None
+    file_cache_mb: int  # input-file cache size beyond which least recently used files go
+    file_cache_days: float  # input files unused this long are evicted
+
+    @property
+    def file_cache_bytes(self) -> int:
+        return self.file_cache_mb * 1024 * 1024
+
+    @property
+    def file_cache_seconds(self) -> float:
+        return self.file_cache_days * 86400.0
 
 
 class _Reader:
@@ -305,4 +316,6 @@ def load_node_config(path: Path) -> NodeConfig:
         slots=r.get("slots", 2, _positive_int, "a positive integer"),
         relay=relay,
         tls=tls,
+        file_cache_mb=r.get("file_cache_mb", 1024, _positive_int, "a positive integer"),
+        file_cache_days=r.get("file_cache_days", 14.0, _positive_float, "a positive number"),
     )

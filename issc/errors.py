@@ -48,3 +48,8 @@ class StoreError(IsscError):
 
 class ExecutionError(IsscError):
     """Project code could not be started or was killed by a limit."""
+
+
+class FileTransferError(IsscError):
+    """A task's input or output file could not be moved between hub and node: a chunk
+    out of order, a size over its bound, a digest that does not match, a stalled peer."""

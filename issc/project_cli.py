@@ -5,6 +5,9 @@
     issc-project verify BUNDLE --pubkey PUBKEY
     issc-project submit FILE... --inbox DIR
 
+``submit`` carries along the input files a task file names (``files: {NAME: PATH}``),
+each to the same place relative to the inbox, before the task file itself.
+
 Errors print ``issc-project: <subcommand>: <message>`` on stderr and exit with status 1;
 usage errors are argparse's (status 2).
 """
@@ -13,20 +16,30 @@ from __future__ import annotations
 
 import argparse
 import errno
+import filecmp
 import os
+import re
 import secrets
 import shutil
+import stat
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from issc.bundle import bundle_digest, pack_bundle, verify_bundle
 from issc.errors import IsscError
 from issc.keys import generate_key, load_public_key_arg
+from issc.taskrefs import FileReference, file_references
 
 PROG = "issc-project"
 # What the hub's inbox ingests; anything else would only end up in inbox/rejected/.
 SUBMITTABLE_SUFFIXES = (".issc", ".yaml", ".yml", ".jsonl")
+# An input file's NAME (``in/NAME`` on the node) and its bounds, as docs/design.md states them.
+INPUT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+MAX_INPUT_FILE_BYTES = 1024**3
+# The hub's own subdirectories of the inbox; an input file may not land in them.
+HUB_INBOX_DIRS = ("accepted", "rejected")
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
@@ -51,30 +64,175 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    """Drop each FILE into the inbox atomically, in the order given.
+    """Drop each FILE into the inbox atomically, in the order given, input files first.
 
-    Every file is checked before the first is copied, so a typo in the last argument does
-    not leave the first ones submitted alone.
+    A task file's input files (``files: {NAME: PATH}``) go to the same place relative to
+    the inbox as they have relative to the task file, before the task file itself, so the
+    hub finds them when it reads the task file. Everything is checked before the first
+    file is copied, so a typo in the last argument does not leave the first ones submitted
+    alone.
     """
     inbox = Path(args.inbox)
     if not inbox.is_dir():
         raise IsscError(f"inbox {inbox}: not a directory")
     files = [Path(f) for f in args.files]
     _check_submission(files, inbox)
+    inputs = plan_input_files(files, inbox)
     for source in files:
-        for extra in referenced_input_files(source):  # empty until input files are carried
-            drop_into_inbox(extra, inbox)
+        for item in inputs[source]:
+            if item.present or not copy_input_file(item.source, item.target):
+                print(f"{item.target}: already in the inbox with the same content, left alone")
+            else:
+                print(f"submitted {item.source} -> {item.target}")
         target = drop_into_inbox(source, inbox)
         print(f"submitted {source} -> {target}")
 
 
-def referenced_input_files(task_file: Path) -> list[Path]:
-    """Input files a task file names under ``files``, to be carried into the inbox with it.
+@dataclass(frozen=True, slots=True)
+class InputCopy:
+    """One input file to carry: ``source`` beside the task file, ``target`` in the inbox.
 
-    Seam for a later issue: carrying input files is not implemented yet, so this returns
-    nothing and ``submit`` copies only the files it is given.
+    ``present``: the target already holds the same content and is left alone.
     """
-    return []
+
+    source: Path
+    target: Path
+    present: bool
+
+
+def plan_input_files(files: list[Path], inbox: Path) -> dict[Path, list[InputCopy]]:
+    """The input files each task file in ``files`` brings along, each distinct path once.
+
+    Raises:
+        IsscError: a task file cannot be parsed, or a reference is unusable: a bad NAME,
+            a PATH that is absolute, climbs out (``..``), is missing, is not a regular
+            file, crosses a symlink, or lands on different content already in the inbox.
+            The message names the task file, the line where known, and the path.
+    """
+    planned: dict[PurePosixPath, tuple[FileReference, InputCopy]] = {}
+    plan: dict[Path, list[InputCopy]] = {}
+    for task_file in files:
+        plan[task_file] = []
+        for ref in file_references(task_file):
+            rel = _check_reference(ref)
+            source = _check_source(ref, rel)
+            earlier = planned.get(rel)
+            if earlier is not None:
+                first, item = earlier
+                if not _same_file(item.source, source) and not _same_content(item.source, source):
+                    raise IsscError(
+                        f"{ref.where()}: input file {ref.name}: {ref.path}: {source} differs "
+                        f"from {item.source} ({first.where()}), and both would land at "
+                        f"{item.target}"
+                    )
+                continue
+            target = inbox.joinpath(*rel.parts)
+            item = InputCopy(source, target, _check_target(ref, source, target, inbox))
+            planned[rel] = (ref, item)
+            plan[task_file].append(item)
+    return plan
+
+
+def _check_reference(ref: FileReference) -> PurePosixPath:
+    """NAME and PATH as written; returns PATH normalised (``./a//b`` is ``a/b``)."""
+    if not isinstance(ref.name, str) or not INPUT_NAME_RE.fullmatch(ref.name):
+        raise IsscError(
+            f"{ref.where()}: input file name {ref.name!r} must be 1-128 letters, digits, "
+            "'_', '.', '-' not starting with '.' or '-'"
+        )
+    if not isinstance(ref.path, str) or not ref.path:
+        raise IsscError(
+            f"{ref.where()}: input file {ref.name}: the path must be a string, got {ref.path!r}"
+        )
+    where = f"{ref.where()}: input file {ref.name}: {ref.path}"
+    rel = PurePosixPath(ref.path)
+    if rel.is_absolute():
+        raise IsscError(f"{where}: an absolute path; give it relative to the task file")
+    if ".." in rel.parts:
+        raise IsscError(
+            f"{where}: climbs out of the task file's directory ('..'); the inbox could not "
+            "hold it at the same place"
+        )
+    if not rel.parts:
+        raise IsscError(f"{where}: not a file")
+    if len(rel.parts) == 1 and rel.name.endswith(SUBMITTABLE_SUFFIXES):
+        raise IsscError(
+            f"{where}: at the top of the inbox the hub would take it for a bundle or task file; "
+            "rename it or move it into a subdirectory"
+        )
+    if len(rel.parts) > 1 and rel.parts[0] in HUB_INBOX_DIRS:
+        raise IsscError(f"{where}: would land in the hub's own inbox/{rel.parts[0]}/ directory")
+    return rel
+
+
+def _check_source(ref: FileReference, rel: PurePosixPath) -> Path:
+    """The file beside the task file: a regular file reached without crossing a symlink."""
+    where = f"{ref.where()}: input file {ref.name}: {ref.path}"
+    path = ref.task_file.parent
+    for depth, part in enumerate(rel.parts, start=1):
+        path = path / part
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            raise IsscError(f"{where}: no such file ({path})") from None
+        except OSError as exc:
+            raise IsscError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+        if stat.S_ISLNK(mode):
+            raise IsscError(f"{where}: {path} is a symlink; give the file itself")
+        last = depth == len(rel.parts)
+        if last and not stat.S_ISREG(mode):
+            raise IsscError(f"{where}: not a regular file ({path})")
+        if not last and not stat.S_ISDIR(mode):
+            raise IsscError(f"{where}: {path} is not a directory")
+    size = path.stat().st_size
+    if size > MAX_INPUT_FILE_BYTES:
+        raise IsscError(
+            f"{where}: {size} bytes, over the {MAX_INPUT_FILE_BYTES}-byte limit of an input file"
+        )
+    return path
+
+
+def _check_target(ref: FileReference, source: Path, target: Path, inbox: Path) -> bool:
+    """Whether ``target`` already holds ``source``'s content; raises if it holds anything else."""
+    where = f"{ref.where()}: input file {ref.name}: {ref.path}"
+    path = inbox
+    parts = target.relative_to(inbox).parts
+    for depth, part in enumerate(parts, start=1):
+        path = path / part
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise IsscError(f"{where}: cannot look at {path}: {exc.strerror or exc}") from None
+        if stat.S_ISLNK(mode):
+            raise IsscError(f"{where}: {path} in the inbox is a symlink")
+        last = depth == len(parts)
+        if not last and not stat.S_ISDIR(mode):
+            raise IsscError(f"{where}: {path} in the inbox is not a directory")
+        if last and not stat.S_ISREG(mode):
+            raise IsscError(f"{where}: {path} in the inbox is not a regular file")
+    if not _same_content(source, target):
+        raise IsscError(
+            f"{where}: {target} is already in the inbox with different content "
+            "(not yet used by the hub?)"
+        )
+    return True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    """Byte-for-byte equality. Raises IsscError if either cannot be read."""
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError as exc:
+        raise IsscError(f"cannot compare {a} with {b}: {exc}") from exc
 
 
 def _check_submission(files: list[Path], inbox: Path) -> None:
@@ -107,18 +265,64 @@ def drop_into_inbox(source: Path, inbox: Path) -> Path:
         IsscError: the target already exists, or the copy fails (the temp file is removed).
     """
     target = inbox / source.name
-    tmp = inbox / f".{source.name}.{secrets.token_hex(8)}.tmp"
     try:
-        _copy_synced(source, tmp)
-        _publish_no_replace(tmp, target)
-        _fsync_directory(inbox)
+        _publish(source, target)
     except FileExistsError:
         raise IsscError(f"{target}: already in the inbox (not yet ingested by the hub)") from None
     except OSError as exc:
         raise IsscError(f"cannot submit {source} to {inbox}: {exc}") from exc
+    return target
+
+
+def copy_input_file(source: Path, target: Path) -> bool:
+    """Copy an input file to ``target`` in the inbox, as atomically as a task file.
+
+    Missing directories are created. Returns False if an identical ``target`` appeared
+    meanwhile (left alone).
+
+    Raises:
+        IsscError: ``target`` appeared meanwhile with different content, or the copy failed.
+    """
+    try:
+        _make_directories(target.parent)
+        _publish(source, target)
+    except FileExistsError:
+        if _same_content(source, target):
+            return False
+        raise IsscError(f"{target}: already in the inbox with different content") from None
+    except OSError as exc:
+        raise IsscError(f"cannot copy {source} to {target}: {exc}") from exc
+    return True
+
+
+def _publish(source: Path, target: Path) -> None:
+    """Copy ``source`` to a hidden temp name beside ``target``, fsync, then give it the name.
+
+    Raises:
+        FileExistsError: ``target`` exists (it is never replaced).
+        OSError: anything else (the temp file is removed).
+    """
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    try:
+        _copy_synced(source, tmp)
+        _publish_no_replace(tmp, target)
+        _fsync_directory(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    return target
+
+
+def _make_directories(directory: Path) -> None:
+    """``mkdir -p``, making each new directory entry durable. Raises OSError."""
+    if directory.is_dir():
+        return
+    _make_directories(directory.parent)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        if not directory.is_dir():
+            raise
+        return
+    _fsync_directory(directory.parent)
 
 
 def _copy_synced(source: Path, tmp: Path) -> None:

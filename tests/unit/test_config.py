@@ -227,6 +227,10 @@ def test_node_defaults(tmp_path: Path) -> None:
     assert config.slots == 2
     assert config.relay is None
     assert config.tls is None
+    assert config.file_cache_mb == 1024
+    assert config.file_cache_days == 14
+    assert config.file_cache_bytes == 1024 * 1024 * 1024
+    assert config.file_cache_seconds == 14 * 86400
 
 
 def test_node_every_key_is_parsed(tmp_path: Path, pubkey: str) -> None:
@@ -245,6 +249,8 @@ trusted_keys:
 slots: 8
 relay: {{listen: 0.0.0.0:7412}}
 tls: {{ca: /etc/issc/ca.pem, fingerprint: "sha256:abcd"}}
+file_cache_mb: 200
+file_cache_days: 0.5
 """,
     )
     config = load_node_config(path)
@@ -261,6 +267,10 @@ tls: {{ca: /etc/issc/ca.pem, fingerprint: "sha256:abcd"}}
     assert config.slots == 8
     assert config.relay == RelayConfig(Address("0.0.0.0", 7412))
     assert config.tls == ClientTls(Path("/etc/issc/ca.pem"), "sha256:abcd")
+    assert config.file_cache_mb == 200
+    assert config.file_cache_bytes == 200 * 1024 * 1024
+    assert config.file_cache_days == 0.5
+    assert config.file_cache_seconds == 43200
 
 
 def test_node_single_hub_and_tls_fingerprint_only(tmp_path: Path) -> None:
@@ -349,6 +359,16 @@ def test_node_unknown_key_names_the_key_and_the_file(tmp_path: Path, pubkey: str
         ("tls: {pin: x}\n", "tls.pin"),
         ("tls: {fingerprint: 5}\n", "tls.fingerprint"),
         ("trusted_keys: [a]\n", "trusted_keys"),
+        ("file_cache_mb: 0\n", "file_cache_mb"),
+        ("file_cache_mb: -5\n", "file_cache_mb"),
+        ("file_cache_mb: 1.5\n", "file_cache_mb"),
+        ("file_cache_mb: lots\n", "file_cache_mb"),
+        ("file_cache_mb: true\n", "file_cache_mb"),
+        ("file_cache_days: 0\n", "file_cache_days"),
+        ("file_cache_days: -1\n", "file_cache_days"),
+        ("file_cache_days: .inf\n", "file_cache_days"),
+        ("file_cache_days: forever\n", "file_cache_days"),
+        ("file_cache_days: false\n", "file_cache_days"),
     ],
 )
 def test_node_wrong_type_names_the_key_path_and_the_file(
@@ -391,6 +411,7 @@ def test_example_node_config_loads() -> None:
     assert config.slots == 2
     assert config.relay is None
     assert config.tls is None
+    assert (config.file_cache_mb, config.file_cache_days) == (1024, 14)
 
 
 def test_example_hub_config_shows_every_hub_key() -> None:
@@ -409,5 +430,5 @@ def test_example_node_config_shows_every_node_key() -> None:
     keys = set(yaml.safe_load((CONFIGS / "node.yaml").read_text()))
     assert keys == {
         "hub", "volunteer", "token", "data_dir", "projects", "trusted_keys", "slots", "relay",
-        "tls",
+        "tls", "file_cache_mb", "file_cache_days",
     }  # fmt: skip

@@ -8,8 +8,11 @@ a function directly (a loader per file, since both examples have a ``make_tasks.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -24,6 +27,7 @@ import yaml
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PRIMES = EXAMPLES / "primes"
 MANDEL = EXAMPLES / "mandelbrot"
+WORDFREQ = EXAMPLES / "wordfreq"
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -515,3 +519,258 @@ def test_mandelbrot_end_to_end_without_a_hub(tmp_path: Path) -> None:
     ihdr, raw = read_png(tmp_path / "p.png")
     assert (ihdr["width"], ihdr["height"]) == (48, 40)
     assert len(raw) == 40 * (1 + 3 * 48)
+
+
+# --- wordfreq: count.py ----------------------------------------------------------------------
+
+
+def test_wordfreq_project_yaml() -> None:
+    assert yaml.safe_load((WORDFREQ / "project.yaml").read_text()) == {
+        "name": "wordfreq",
+        "version": 1,
+        "entrypoint": ["python3", "count.py"],
+        "mode": "process",
+        "limits": {"wall_seconds": 60, "memory_mb": 256, "output_mb": 4},
+        "quorum": 1,
+    }
+    assert (WORDFREQ / "count.py").is_file()
+
+
+def scratch_dir(tmp_path: Path, text: str | bytes, stopwords: str) -> Path:
+    """A task's scratch directory as a node prepares it: in/text and in/stopwords."""
+    scratch = tmp_path / "scratch"
+    (scratch / "in").mkdir(parents=True)
+    data = text.encode() if isinstance(text, str) else text
+    (scratch / "in" / "text").write_bytes(data)
+    (scratch / "in" / "stopwords").write_text(stopwords)
+    (scratch / "input.json").write_text('{"text": "texts/sample.txt"}')
+    return scratch
+
+
+def test_wordfreq_count_writes_counts_and_prints_the_summary(tmp_path: Path) -> None:
+    scratch = scratch_dir(
+        tmp_path,
+        "The cat and THE hat.\nA cat's 2nd hat, the café; cat-flap_cat 42x\n",
+        "# the article\nthe a\nand\n",
+    )
+    proc = run(WORDFREQ / "count.py", stdin='{"text": "texts/sample.txt"}', cwd=scratch)
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads((scratch / "out" / "counts.json").read_text())
+    # Lowercase, letters only (digits, punctuation and '_' split words), stopwords left out;
+    # the stopwords file's comment line is not a list of stopwords ("article" counts).
+    assert counts == {"cat": 4, "hat": 2, "s": 1, "nd": 1, "café": 1, "flap": 1, "x": 1}
+    assert json.loads(proc.stdout) == {"words": 11, "distinct": 7, "stopped": 5}
+    assert list(counts) == sorted(counts)  # sorted keys: the same bytes on every machine
+
+
+def test_wordfreq_count_on_a_sample_text(tmp_path: Path) -> None:
+    stopwords = (WORDFREQ / "stopwords.txt").read_text()
+    scratch = scratch_dir(tmp_path, (WORDFREQ / "texts" / "river.txt").read_bytes(), stopwords)
+    first = run(WORDFREQ / "count.py", cwd=scratch)  # stdin empty, as by hand
+    assert first.returncode == 0, first.stderr
+    data = (scratch / "out" / "counts.json").read_bytes()
+    counts = json.loads(data)
+    summary = json.loads(first.stdout)
+    assert summary["words"] == sum(counts.values()) > 100
+    assert summary["distinct"] == len(counts) > 50
+    assert counts["river"] >= 8
+    assert not {"the", "and", "in"} & set(counts)
+    assert all(word.isalpha() and word == word.lower() for word in counts)
+    again = run(WORDFREQ / "count.py", cwd=scratch)
+    assert (again.stdout, (scratch / "out" / "counts.json").read_bytes()) == (first.stdout, data)
+
+
+def test_wordfreq_count_missing_input_file_fails(tmp_path: Path) -> None:
+    scratch = scratch_dir(tmp_path, "words", "the")
+    (scratch / "in" / "stopwords").unlink()
+    proc = run(WORDFREQ / "count.py", cwd=scratch)
+    assert proc.returncode == 2
+    assert "in/stopwords" in proc.stderr
+    assert not (scratch / "out" / "counts.json").exists()
+
+
+# --- wordfreq: make_tasks.py -----------------------------------------------------------------
+
+
+def wordfreq_work_dir(tmp_path: Path) -> Path:
+    """The owner's work directory of the README: the sample texts and the stopwords file."""
+    work = tmp_path / "work"
+    shutil.copytree(WORDFREQ / "texts", work / "texts")
+    shutil.copy(WORDFREQ / "stopwords.txt", work / "stopwords.txt")
+    return work
+
+
+def test_wordfreq_make_tasks_one_task_per_text(tmp_path: Path) -> None:
+    work = wordfreq_work_dir(tmp_path)
+    (work / "texts" / ".notes.txt").write_text("hidden files are not texts")
+    (work / "texts" / "two words.txt").write_text("a text with a space in its name")
+    out = work / "tasks.yaml"
+    proc = run(
+        WORDFREQ / "make_tasks.py", "--texts", work / "texts", "--stopwords",
+        work / "stopwords.txt", "--out", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 7 tasks" in proc.stdout
+    doc = yaml.safe_load(out.read_text())
+    assert doc["project"] == "wordfreq"
+    names = sorted(p.name for p in (WORDFREQ / "texts").iterdir()) + ["two words.txt"]
+    assert [t["files"]["text"] for t in doc["tasks"]] == [f"texts/{n}" for n in sorted(names)]
+    for task in doc["tasks"]:
+        assert re.fullmatch(r"w-[A-Za-z0-9_.-]+", task["id"])
+        assert task["files"]["stopwords"] == "stopwords.txt"
+        assert task["input"] == {"text": task["files"]["text"]}
+        for path in task["files"].values():  # relative to the task file
+            assert (out.parent / path).is_file()
+    assert "w-two_words" in [t["id"] for t in doc["tasks"]]
+
+    jsonl = work / "tasks.jsonl"
+    args = ("--texts", work / "texts", "--stopwords", work / "stopwords.txt")
+    assert run(WORDFREQ / "make_tasks.py", *args, "--out", jsonl).returncode == 0
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert rows == [{"project": "wordfreq", **t} for t in doc["tasks"]]
+
+
+def test_wordfreq_make_tasks_refuses_files_outside_the_task_files_directory(
+    tmp_path: Path,
+) -> None:
+    work = wordfreq_work_dir(tmp_path)
+    (work / "sub").mkdir()
+    out = work / "sub" / "tasks.yaml"
+    args = ("--texts", work / "texts", "--stopwords", work / "stopwords.txt")
+    proc = run(WORDFREQ / "make_tasks.py", *args, "--out", out)
+    assert proc.returncode == 2
+    assert "is not under" in proc.stderr
+    assert not out.exists()
+
+
+def test_wordfreq_task_file_goes_through_submit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from issc.project_cli import main as project_main
+
+    work = wordfreq_work_dir(tmp_path)
+    tasks = work / "tasks.yaml"
+    args = ("--texts", work / "texts", "--stopwords", work / "stopwords.txt")
+    assert run(WORDFREQ / "make_tasks.py", *args, "--out", tasks).returncode == 0
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    assert project_main(["submit", str(tasks), "--inbox", str(inbox)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 + 1 + 1  # each text, the stopwords once, the task file last
+    assert lines[-1].endswith("inbox/tasks.yaml")
+    copied = sorted(p.relative_to(inbox).as_posix() for p in inbox.rglob("*") if p.is_file())
+    expected = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    assert copied == expected
+
+
+# --- wordfreq: merge.py ----------------------------------------------------------------------
+
+
+def wordfreq_outbox(tmp_path: Path, counts: dict[str, dict[str, int]]) -> Path:
+    """outbox/wordfreq as the hub writes it: results.jsonl and files/<task id>/counts.json."""
+    outbox = tmp_path / "outbox" / "wordfreq"
+    rows = []
+    for task_id, task_counts in counts.items():
+        data = (json.dumps(task_counts, sort_keys=True, indent=0) + "\n").encode()
+        (outbox / "files" / task_id).mkdir(parents=True)
+        (outbox / "files" / task_id / "counts.json").write_bytes(data)
+        summary = {"words": sum(task_counts.values()), "distinct": len(task_counts), "stopped": 0}
+        row = result_row(task_id, summary)
+        row["files"] = [
+            {"name": "counts.json", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        ]
+        rows.append(row)
+    write_jsonl(outbox / "results.jsonl", rows)
+    return outbox
+
+
+SYNTHETIC_COUNTS = {
+    "w-one": {"whale": 5, "sea": 3, "ship": 1},
+    "w-two": {"sea": 4, "river": 2, "ship": 1},
+}
+
+
+def test_wordfreq_merge_adds_up_the_counts(tmp_path: Path) -> None:
+    outbox = wordfreq_outbox(tmp_path, SYNTHETIC_COUNTS)
+    merged = tmp_path / "merged.json"
+    proc = run(WORDFREQ / "merge.py", outbox, "--top", "3", "--out", merged)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "wordfreq: 2 texts merged, 16 words, 4 distinct (0 failed, 0 missing)",
+        "    1       7  sea",
+        "    2       5  whale",
+        "    3       2  river",  # ties (river, ship: 2 each) in word order
+    ]
+    assert json.loads(merged.read_text()) == {"river": 2, "sea": 7, "ship": 2, "whale": 5}
+    assert proc.stderr == ""
+
+
+def test_wordfreq_merge_digest_mismatch_exits_1(tmp_path: Path) -> None:
+    outbox = wordfreq_outbox(tmp_path, SYNTHETIC_COUNTS)
+    counts = outbox / "files" / "w-two" / "counts.json"
+    counts.write_text(counts.read_text().replace("4", "9"))  # same size, other bytes
+    proc = run(WORDFREQ / "merge.py", outbox)
+    assert proc.returncode == 1
+    assert "w-two" in proc.stderr and "does not match its result line" in proc.stderr
+    assert "1 texts merged, 9 words" in proc.stdout  # the rest is still merged
+
+
+def test_wordfreq_merge_failed_missing_and_absent_tasks_exit_1(tmp_path: Path) -> None:
+    outbox = wordfreq_outbox(tmp_path, SYNTHETIC_COUNTS)
+    (outbox / "files" / "w-one" / "counts.json").unlink()
+    with (outbox / "results.jsonl").open("a") as fh:
+        fh.write(json.dumps(result_row("w-three", None, state="F", error="Killed")) + "\n")
+    tasks = tmp_path / "tasks.jsonl"
+    ids = ["w-one", "w-two", "w-three", "w-four"]
+    write_jsonl(tasks, [{"project": "wordfreq", "id": i, "input": {}} for i in ids])
+    proc = run(WORDFREQ / "merge.py", outbox, "--tasks", tasks)
+    assert proc.returncode == 1
+    assert "1 texts merged, 7 words, 3 distinct (2 failed, 1 missing)" in proc.stdout
+    assert "task w-one: cannot read" in proc.stderr
+    assert "task w-three: state F: Killed" in proc.stderr
+    assert "task w-four: no result yet" in proc.stderr
+
+
+def test_wordfreq_merge_unreadable_results_exit_2(tmp_path: Path) -> None:
+    proc = run(WORDFREQ / "merge.py", tmp_path / "nowhere")
+    assert proc.returncode == 2
+    assert "results.jsonl" in proc.stderr
+
+
+def test_wordfreq_end_to_end_without_a_hub(tmp_path: Path) -> None:
+    """make_tasks -> count.py per task, in scratch dirs as a node makes them -> merge."""
+    work = wordfreq_work_dir(tmp_path)
+    tasks = work / "tasks.jsonl"
+    args = ("--texts", work / "texts", "--stopwords", work / "stopwords.txt")
+    assert run(WORDFREQ / "make_tasks.py", *args, "--out", tasks).returncode == 0
+    outbox = tmp_path / "outbox" / "wordfreq"
+    rows = []
+    for line in tasks.read_text().splitlines():
+        task = json.loads(line)
+        scratch = tmp_path / "scratch" / task["id"]
+        (scratch / "in").mkdir(parents=True)
+        for name, path in task["files"].items():
+            shutil.copy(work / path, scratch / "in" / name)
+        proc = run(WORDFREQ / "count.py", stdin=json.dumps(task["input"]), cwd=scratch)
+        assert proc.returncode == 0, proc.stderr
+        (outbox / "files" / task["id"]).mkdir(parents=True)
+        data = (scratch / "out" / "counts.json").read_bytes()
+        (outbox / "files" / task["id"] / "counts.json").write_bytes(data)
+        row = result_row(task["id"], json.loads(proc.stdout))
+        digest = hashlib.sha256(data).hexdigest()
+        row["files"] = [{"name": "counts.json", "size": len(data), "sha256": digest}]
+        rows.append(row)
+    write_jsonl(outbox / "results.jsonl", rows)
+
+    proc = run(WORDFREQ / "merge.py", outbox, "--tasks", tasks, "--top", "5")
+    assert proc.returncode == 0, proc.stderr
+    count = load(WORDFREQ / "count.py")
+    stop = count.stopword_set((WORDFREQ / "stopwords.txt").read_text())
+    everything = "\n".join(p.read_text() for p in sorted((WORDFREQ / "texts").iterdir()))
+    direct, _ = count.count(everything, stop)
+    header = proc.stdout.splitlines()[0]
+    assert header == (
+        f"wordfreq: 6 texts merged, {sum(direct.values())} words, {len(direct)} distinct "
+        "(0 failed, 0 missing)"
+    )
+    assert len(proc.stdout.splitlines()) == 1 + 5
