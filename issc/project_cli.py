@@ -35,9 +35,11 @@ from issc.taskrefs import FileReference, file_references
 PROG = "issc-project"
 # What the hub's inbox ingests; anything else would only end up in inbox/rejected/.
 SUBMITTABLE_SUFFIXES = (".issc", ".yaml", ".yml", ".jsonl")
-# An input file's NAME (``in/NAME`` on the node) and its bounds, as docs/design.md states them.
+# An input file's NAME (``in/NAME`` on the node) and its bounds, as docs/design.md states them
+# and the hub checks them (hub/blobs.py, hub/taskfile.py, hub/inputs.py).
 INPUT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 MAX_INPUT_FILE_BYTES = 1024**3
+MAX_PATH_CHARS = 1024
 # The hub's own subdirectories of the inbox; an input file may not land in them.
 HUB_INBOX_DIRS = ("accepted", "rejected")
 
@@ -145,6 +147,13 @@ def _check_reference(ref: FileReference) -> PurePosixPath:
             f"{ref.where()}: input file {ref.name}: the path must be a string, got {ref.path!r}"
         )
     where = f"{ref.where()}: input file {ref.name}: {ref.path}"
+    if len(ref.path) > MAX_PATH_CHARS:
+        raise IsscError(f"{where[:300]}...: the path is over {MAX_PATH_CHARS} characters")
+    if "\\" in ref.path or "\x00" in ref.path:
+        raise IsscError(
+            f"{ref.where()}: input file {ref.name}: {ref.path!r}: a path separates its parts "
+            "with '/' and holds no '\\' or NUL"
+        )
     rel = PurePosixPath(ref.path)
     if rel.is_absolute():
         raise IsscError(f"{where}: an absolute path; give it relative to the task file")
@@ -160,7 +169,7 @@ def _check_reference(ref: FileReference) -> PurePosixPath:
             f"{where}: at the top of the inbox the hub would take it for a bundle or task file; "
             "rename it or move it into a subdirectory"
         )
-    if len(rel.parts) > 1 and rel.parts[0] in HUB_INBOX_DIRS:
+    if rel.parts[0] in HUB_INBOX_DIRS:
         raise IsscError(f"{where}: would land in the hub's own inbox/{rel.parts[0]}/ directory")
     return rel
 

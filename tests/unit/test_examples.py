@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
+from hub.taskfile import parse_task_file
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PRIMES = EXAMPLES / "primes"
 MANDEL = EXAMPLES / "mandelbrot"
@@ -613,7 +615,7 @@ def test_wordfreq_make_tasks_one_task_per_text(tmp_path: Path) -> None:
     assert "wrote 7 tasks" in proc.stdout
     doc = yaml.safe_load(out.read_text())
     assert doc["project"] == "wordfreq"
-    names = sorted(p.name for p in (WORDFREQ / "texts").iterdir()) + ["two words.txt"]
+    names = [p.name for p in (WORDFREQ / "texts").iterdir()] + ["two words.txt"]
     assert [t["files"]["text"] for t in doc["tasks"]] == [f"texts/{n}" for n in sorted(names)]
     for task in doc["tasks"]:
         assert re.fullmatch(r"w-[A-Za-z0-9_.-]+", task["id"])
@@ -622,6 +624,10 @@ def test_wordfreq_make_tasks_one_task_per_text(tmp_path: Path) -> None:
         for path in task["files"].values():  # relative to the task file
             assert (out.parent / path).is_file()
     assert "w-two_words" in [t["id"] for t in doc["tasks"]]
+    # The hub's own parser takes it as it is.
+    parsed = parse_task_file(out.name, out.read_bytes())
+    assert parsed.project == "wordfreq"
+    assert [dict(e.file_paths) for e in parsed.entries] == [t["files"] for t in doc["tasks"]]
 
     jsonl = work / "tasks.jsonl"
     args = ("--texts", work / "texts", "--stopwords", work / "stopwords.txt")
