@@ -32,6 +32,9 @@ MAX_INBOX_FILE = 512 * 1024 * 1024
 TASK_SUFFIXES = (".yaml", ".yml", ".jsonl")
 BUNDLE_SUFFIX = ".issc"
 STRAY_GRACE = 600.0  # seconds an unused input file may wait for its task file
+# Seconds a used input file stays after its last submit: `issc-project submit` leaves an
+# identical file in place (refreshing its mtime) and sends its task file right after.
+RETIRE_GRACE = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,16 +104,23 @@ class Inbox:
             return
         waiting = [p.read_text("utf-8", "replace") for p in waiting_files(self.inbox)
                    if p.name.endswith(TASK_SUFFIXES)]  # fmt: skip
+        keep: set[str] = set()
+        now = time.time()
         for rel in sorted(self._consumed):
-            if any(rel in text for text in waiting):
-                continue
             source = self.inbox / rel
+            try:
+                young = now - source.stat().st_mtime < RETIRE_GRACE
+            except FileNotFoundError:
+                continue
+            if young or any(rel in text for text in waiting):
+                keep.add(rel)  # another submit may be counting on it: look again later
+                continue
             if source.is_file() and not source.is_symlink():
                 target = self._free_name(self.accepted / Path(rel).parent, Path(rel).name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
                 _remove_empty_parents(source.parent, self.inbox)
-        self._consumed.clear()
+        self._consumed = keep
 
     def _reject_strays(self, now: float) -> None:
         """Reject files no task file used within STRAY_GRACE seconds of their arrival."""

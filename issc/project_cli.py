@@ -15,6 +15,7 @@ usage errors are argparse's (status 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import filecmp
 import os
@@ -83,6 +84,9 @@ def cmd_submit(args: argparse.Namespace) -> None:
     for source in files:
         for item in inputs[source]:
             if item.present or not copy_input_file(item.source, item.target):
+                # Fresh mtime: the hub keeps recent input files for task files still coming.
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(item.target)
                 print(f"{item.target}: already in the inbox with the same content, left alone")
             else:
                 print(f"submitted {item.source} -> {item.target}")

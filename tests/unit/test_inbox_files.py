@@ -26,7 +26,8 @@ tasks:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Inbox, Store, Path]:
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Inbox, Store, Path]:
+    monkeypatch.setattr(inbox_module, "RETIRE_GRACE", 0.0)
     store = Store(f"sqlite:///{tmp_path}/hub.db")
     store.create_schema()
     register(store)
@@ -96,3 +97,19 @@ def test_an_unused_file_is_rejected_after_the_grace_period(
     note = (root / "rejected" / "stop.txt.error.txt").read_text()
     assert "no task file used it" in note
     assert (root / "rejected" / "texts" / "a.txt").exists()
+
+
+def test_a_recently_submitted_input_stays_for_the_grace_period(
+    setup: tuple[Inbox, Store, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox, _, root = setup
+    monkeypatch.setattr(inbox_module, "RETIRE_GRACE", 60.0)
+    (root / "jobs.yaml").write_text(TASKS)
+    inbox.scan()
+    assert (root / "stop.txt").exists()  # a submit may have just counted on it
+    old = time.time() - 120
+    for path in (root / "stop.txt", root / "texts" / "a.txt", root / "texts" / "b.txt"):
+        os.utime(path, (old, old))
+    inbox.scan()
+    assert not (root / "stop.txt").exists()
+    assert (root / "accepted" / "stop.txt").exists()
