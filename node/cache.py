@@ -18,6 +18,7 @@ from issc.bundle import extract_bundle, read_manifest
 from issc.errors import BundleError
 from issc.keys import parse_public_key
 from issc.manifest import Manifest
+from node.transfer import append_part
 
 MAX_BUNDLE_SIZE = 256 * 1024 * 1024
 
@@ -50,18 +51,15 @@ class BundleCache:
     def append_chunk(self, digest: str, offset: int, total: int, data: bytes) -> bool:
         """Add a chunk at ``offset``; True once all ``total`` bytes are there.
 
-        Raises BundleError if the hub sends an out-of-order chunk or an oversized bundle.
+        Raises BundleError (and deletes the download) if the hub sends an out-of-order
+        chunk or an oversized bundle.
         """
-        if total > MAX_BUNDLE_SIZE:
-            raise BundleError(f"bundle of {total} bytes exceeds the {MAX_BUNDLE_SIZE}-byte limit")
         part = self.directory / f"{digest}.part"
-        size = self.partial_size(digest)
-        if offset != size or size + len(data) > total:
+        try:
+            return append_part(part, offset, total, data, MAX_BUNDLE_SIZE)
+        except ValueError as exc:
             part.unlink(missing_ok=True)
-            raise BundleError(f"bundle chunk at offset {offset} does not follow {size} bytes")
-        with open(part, "ab") as f:
-            f.write(data)
-        return size + len(data) == total
+            raise BundleError(f"bundle download refused: {exc}") from None
 
     def install(self, digest: str, project: str) -> Path:
         """Verify a complete download and extract it; returns the directory.

@@ -6,6 +6,10 @@ connection: offers are checked (project chosen, key pinned, version not older th
 already run, bundle verified) before they are accepted; results are spooled on disk
 before they are sent and dropped only when the hub acknowledges them. Tasks keep
 running while the connection is down; their results wait in the spool.
+
+What moves in chunks lives in its own modules, wired here: bundles and input files are
+fetched by ``node.fetch`` (into ``node.cache`` and ``node.files``), output files are
+uploaded before their result by ``node.upload``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from issc.config import Address, NodeConfig
 from issc.errors import (
     BundleError,
     ExecutionError,
+    FileTransferError,
     IsscError,
     LocalProtocolError,
     RemoteProtocolError,
@@ -43,7 +48,7 @@ from issc.protocol import (
     Decline,
     Error,
     ErrorCode,
-    FetchBundle,
+    FileChunk,
     Goodbye,
     Heartbeat,
     HeartbeatAck,
@@ -51,16 +56,21 @@ from issc.protocol import (
     Message,
     Offer,
     Ready,
-    Result,
     ResultAck,
     Role,
     TaskOffer,
+    UploadAck,
     Welcome,
     check_field_value,
 )
 from node.cache import BundleCache
 from node.executor import Executor, RunOutcome, RunRequest, make_executor
+from node.fetch import BundleFetcher, InputFetcher
+from node.files import FileCache
+from node.runs import failure
 from node.spool import ResultSpool
+from node.transfer import Send
+from node.upload import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,7 @@ class Running:
     offer: TaskOffer
     task: asyncio.Task[None] | None = None
     cancelled: bool = False
+    fetching: bool = False  # waiting for input files: a cancel ends the wait
 
 
 @dataclass(slots=True)
@@ -105,12 +116,6 @@ class Identity:
 
 
 @dataclass(slots=True)
-class _Download:
-    project: str
-    done: asyncio.Future[None]
-
-
-@dataclass(slots=True)
 class _Link:
     """One live connection to the hub."""
 
@@ -119,7 +124,6 @@ class _Link:
     writer: asyncio.StreamWriter
     address: Address
     last_heard: float = 0.0
-    downloads: dict[str, _Download] = field(default_factory=dict)
 
 
 class NodeClient:
@@ -130,7 +134,13 @@ class NodeClient:
         self.identity = Identity(data / "identity.json")
         self.identity.load()
         self.spool = ResultSpool(data / "spool")
+        self.spool.sweep()
         self.cache = BundleCache(data / "bundles", dict(config.trusted_keys))
+        self.bundles = BundleFetcher(self.cache)
+        files = FileCache(data / "files", config.file_cache_bytes, config.file_cache_seconds)
+        files.evict()
+        self.inputs = InputFetcher(files)
+        self.uploads = Uploader()
         self.scratch = data / "scratch"
         # Leftovers of runs killed with the node: nothing in them will be used again.
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -202,9 +212,9 @@ class NodeClient:
     def _drop_link(self, link: _Link) -> None:
         if self.link is link:
             self.link = None
-        for download in link.downloads.values():
-            if not download.done.done():
-                download.done.set_exception(ConnectionError("connection lost during download"))
+            self.bundles.detach()
+            self.inputs.detach()
+            self.uploads.detach()
         with contextlib.suppress(Exception):
             link.writer.close()
 
@@ -255,10 +265,14 @@ class NodeClient:
                 log.info("lease %d was not resumed by the hub; stopping it", lease)
                 self._cancel_run(lease, running)
         self.link = link
+        send = self._sender(link)
+        self.bundles.attach(send)
+        self.inputs.attach(send)  # downloads of resumed leases go on from their partial files
+        self.uploads.attach(send)
         for lease in self.spool.leases():
             record = self.spool.load(lease)
             if record is not None:
-                self._send(link, Result(**record))
+                self.uploads.submit(record, self.spool.output_dir(lease))
         self._send_ready()
 
     def _refused(self, error: Error) -> None:
@@ -291,6 +305,16 @@ class NodeClient:
     def _send(self, link: _Link, message: Message) -> None:
         link.writer.write(link.conn.send(message))
 
+    def _sender(self, link: _Link) -> Send:
+        """Sending for the transfer modules: messages for a link that is no longer the
+        current one, or is closing, are dropped (they are redone on the next link)."""
+
+        def send(message: Message) -> None:
+            if self.link is link and link.conn.state is not CLOSED_STATE:
+                self._send(link, message)
+
+        return send
+
     def _send_ready(self) -> None:
         if self.link is None or self.stopping:
             return
@@ -309,9 +333,16 @@ class NodeClient:
                     if (running := self.running.get(lease)) is not None:
                         log.info("hub cancelled lease %d: %s", lease, message.reason)
                         self._cancel_run(lease, running)
+                    self.uploads.forget(lease)  # a spooled result is dropped too
+                    self.spool.remove(lease)
             case BundleChunk():
-                self._on_chunk(link, message)
+                self.bundles.feed(message.digest, message.offset, message.total, message.data)
+            case FileChunk():
+                self.inputs.on_chunk(message)
+            case UploadAck():
+                self.uploads.on_ack(message)
             case ResultAck():
+                self.uploads.forget(message.lease)
                 self.spool.remove(message.lease)
                 if not message.accepted:
                     log.info(

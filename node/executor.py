@@ -3,12 +3,14 @@
 Two executors implement the same small interface (``Executor``):
 
 * ``ProcessExecutor`` (mode ``process``): each run gets ``<scratch_root>/<lease>`` as a
-  fresh cwd (removed afterwards) holding ``input.json``, ``tmp/`` and ``out/``; the input
-  also arrives on stdin. The result is ``result.json`` if the program wrote one (it must
-  be valid JSON), else stdout: JSON if it parses, else the text with one trailing newline
-  stripped. Exit status 0 is success; anything else fails with the status or signal and
+  fresh cwd (removed afterwards) holding ``input.json``, ``tmp/``, ``in/`` (the task's
+  input files, read-only copies) and ``out/``; the input also arrives on stdin. The
+  result is ``result.json`` if the program wrote one (it must be valid JSON), else
+  stdout: JSON if it parses, else the text with one trailing newline stripped. Exit status 0 is success; anything else fails with the status or signal and
   the last 2 KiB of stderr. stdout and stderr go to files the executor keeps open, so
   their size is bounded by RLIMIT_FSIZE and only ``output_mb`` of stdout is ever read.
+  After a success, the files left in ``out/`` are checked and moved to the request's
+  ``output_dir`` (``node.taskfiles``); breaking the rules there fails the task.
 * ``PersistentExecutor`` (mode ``persistent``, in ``node.persistent``): a pool of
   long-lived processes per (bundle_dir, entrypoint), one task at a time each, fed one JSON
   line per task.
@@ -50,7 +52,9 @@ from node.runs import (
     decode_json,
     encode_input,
     failure,
+    stage_task_files,
     wall_exceeded,
+    with_outputs,
     with_stderr,
 )
 from node.sandbox import (
@@ -192,6 +196,10 @@ class ProcessExecutor:
     async def _run(self, request: RunRequest, payload: str, run: Run) -> RunOutcome:
         scratch = self._scratch_root / str(request.lease)
         started = time.monotonic()
+        problem = await self._prepare(scratch, request)
+        if problem is not None:
+            await asyncio.to_thread(remove_tree, scratch)
+            return failure(problem)
         try:
             child, streams = self._start(request, payload, scratch)
         except (ExecutionError, OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -212,7 +220,7 @@ class ProcessExecutor:
             )
             if error is not None:
                 return failure(error, cpu, wall)
-            return RunOutcome(True, result, None, cpu, wall)
+            return await with_outputs(RunOutcome(True, result, None, cpu, wall), scratch, request)
         finally:
             run.detach()
             child.kill()  # a no-op after a normal exit; essential if run() itself was cancelled
@@ -220,14 +228,25 @@ class ProcessExecutor:
             await asyncio.shield(child.exited)
             await asyncio.to_thread(remove_tree, scratch)
 
+    async def _prepare(self, scratch: Path, request: RunRequest) -> str | None:
+        """Make a fresh scratch dir with the input files in ``in/``; None, or why not."""
+
+        def make() -> None:
+            self._scratch_root.mkdir(parents=True, exist_ok=True)
+            fresh_scratch(scratch)
+
+        try:
+            await asyncio.to_thread(make)
+        except OSError as exc:
+            return f"cannot start the task: {exc}"
+        return await stage_task_files(scratch, request, reset=False)
+
     def _start(self, request: RunRequest, payload: str, scratch: Path) -> tuple[_Child, _Streams]:
-        """Prepare the scratch dir and spawn the task process.
+        """Write input.json into the prepared scratch dir and spawn the task process.
 
         Raises ExecutionError if the entrypoint cannot be resolved, OSError, ValueError (a
-        NUL in an argument) or SubprocessError if the scratch dir or process cannot be made.
+        NUL in an argument) or SubprocessError if the process cannot be made.
         """
-        self._scratch_root.mkdir(parents=True, exist_ok=True)
-        fresh_scratch(scratch)
         (scratch / INPUT_FILE).write_text(payload, encoding="utf-8")
         launch = build_launch(request.entrypoint, request.bundle_dir, scratch, request.task_id)
         streams = _Streams(

@@ -1,9 +1,16 @@
 """Mode ``persistent``: a pool of long-lived task processes, one task at a time each.
 
 The pool is keyed by (bundle_dir, entrypoint); each process gets its own scratch dir
-``<scratch_root>/worker-<n>`` and one task at a time: ``{"id": task_id, "input": ...}`` as
-one line on stdin, one line back, ``{"id": ..., "result": ...}`` or
-``{"id": ..., "error": "..."}``. A process that dies, overruns the wall limit, is
+``<scratch_root>/worker-<n>`` as its cwd and one task at a time: ``{"id": task_id,
+"input": ...}`` as one line on stdin, one line back, ``{"id": ..., "result": ...}`` or
+``{"id": ..., "error": "..."}``.
+
+Files: the line carries no paths. Because a process has one task at a time, its cwd's
+``in/`` and ``out/`` belong to the task in flight: before each line is sent they are
+emptied and ``in/`` is filled with that task's input files (read-only copies); after a
+successful reply what the process left in ``out/`` is collected as that task's output
+files, and both are emptied again. A program should therefore finish writing ``out/``
+before it answers, and read ``in/`` only between a task line and its answer. A process that dies, overruns the wall limit, is
 cancelled, or sends a malformed or oversized line is killed and replaced on the next task.
 
 As in ``node.executor``, task-level failures never raise: ``run`` returns
@@ -32,7 +39,9 @@ from node.runs import (
     decode_json,
     encode_input,
     failure,
+    stage_task_files,
     wall_exceeded,
+    with_outputs,
     with_stderr,
 )
 from node.sandbox import (
@@ -46,6 +55,7 @@ from node.sandbox import (
     process_cpu_seconds,
     remove_tree,
 )
+from node.taskfiles import reset_task_dirs
 
 _MAX_PROGRAM_ERROR = 2048
 _EXIT_GRACE_SECONDS = 1.0
@@ -176,9 +186,15 @@ class PersistentExecutor:
             return failure(run.stop_reason)
         reusable = False
         try:
+            problem = await stage_task_files(worker.scratch, request, reset=True)
+            if problem is not None:
+                reusable = True  # nothing was sent: the process is as good as before
+                return failure(problem)
             outcome, reusable = await self._exchange(worker, request, line, run)
-            return outcome
+            return await with_outputs(outcome, worker.scratch, request)
         finally:
+            if reusable:
+                reusable = await _emptied(worker.scratch)
             await self._release(worker, reusable)
 
     async def _exchange(
@@ -323,6 +339,16 @@ class PersistentExecutor:
             await asyncio.shield(worker.retire())
         async with self._changed:
             self._changed.notify_all()
+
+
+async def _emptied(scratch: Path) -> bool:
+    """Empty a worker's ``in/`` and ``out/`` after a task (a 1 GiB input should not stay
+    on disk while the process idles); False if that failed and the worker must go."""
+    try:
+        await asyncio.to_thread(reset_task_dirs, scratch)
+    except OSError:
+        return False
+    return True
 
 
 def _malformed(exc: _ReplyError, worker: _Worker) -> str:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from issc.errors import ExecutionError
 from issc.manifest import Limits
+from node.taskfiles import OutputFile, collect_outputs, reset_task_dirs, stage_inputs
 
 CANCELLED = "cancelled"
+_NO_FILES: Mapping[str, Path] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,17 +33,23 @@ class RunRequest:
     bundle_dir: Path  # extracted, verified, read-only project files
     entrypoint: tuple[str, ...]
     limits: Limits
+    # name -> checked file in the node's cache; copied read-only to in/NAME before the run
+    input_files: Mapping[str, Path] = _NO_FILES
+    # where a successful run's out/ files are moved; None: out/ is not collected
+    output_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """How a run ended. ``result`` is None and ``error`` says why when ``ok`` is False."""
+    """How a run ended. ``result`` is None and ``error`` says why when ``ok`` is False;
+    ``output_files`` (in the request's ``output_dir``) only come with success."""
 
     ok: bool
     result: Any  # JSON value
     error: str | None
     cpu_seconds: float
     wall_seconds: float
+    output_files: tuple[OutputFile, ...] = ()
 
 
 class Executor(Protocol):
@@ -96,6 +105,38 @@ def wall_exceeded(limits: Limits) -> str:
 def failure(error: str, cpu: float = 0.0, wall: float = 0.0) -> RunOutcome:
     """A failed run's outcome."""
     return RunOutcome(ok=False, result=None, error=error, cpu_seconds=cpu, wall_seconds=wall)
+
+
+async def stage_task_files(scratch: Path, request: RunRequest, *, reset: bool) -> str | None:
+    """Copy the request's input files into ``<scratch>/in/`` (emptying ``in/`` and ``out/``
+    first if ``reset``: a persistent worker's previous task left them). Returns None, or
+    why the task cannot run."""
+    try:
+        if reset:
+            await asyncio.to_thread(reset_task_dirs, scratch)
+        if request.input_files:
+            await asyncio.to_thread(stage_inputs, scratch, request.input_files)
+    except (OSError, ValueError) as exc:
+        return f"cannot put the input files in place: {exc}"
+    return None
+
+
+async def with_outputs(outcome: RunOutcome, scratch: Path, request: RunRequest) -> RunOutcome:
+    """A successful outcome with the files of ``<scratch>/out/`` moved to the request's
+    ``output_dir``, or a failure saying why they break the rules. Failures, and requests
+    without ``output_dir``, come back unchanged."""
+    if not outcome.ok or request.output_dir is None:
+        return outcome
+    cpu, wall = outcome.cpu_seconds, outcome.wall_seconds
+    try:
+        files = await asyncio.to_thread(
+            collect_outputs, scratch, request.output_dir, request.limits.output_mb
+        )
+    except ValueError as exc:
+        return failure(str(exc), cpu, wall)
+    except OSError as exc:
+        return failure(f"cannot collect the output files: {exc}", cpu, wall)
+    return replace(outcome, output_files=files)
 
 
 class Run:

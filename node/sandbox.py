@@ -205,13 +205,15 @@ def kill_group(pid: int) -> None:
 
 
 def fresh_scratch(path: Path) -> None:
-    """Create an empty scratch directory with ``tmp/`` and ``out/``, replacing leftovers.
+    """Create an empty scratch directory with ``tmp/``, ``in/`` and ``out/``, replacing
+    leftovers.
 
     Raises OSError if the directory cannot be created.
     """
     remove_tree(path)  # a leftover from a crashed node must not leak into a new run
     path.mkdir(mode=0o700)
     (path / "tmp").mkdir(mode=0o700)
+    (path / "in").mkdir(mode=0o700)
     (path / "out").mkdir(mode=0o700)
 
 

@@ -3,6 +3,12 @@
 A result is written (and fsynced) before it is sent, and removed only when the hub's
 ``result_ack`` arrives, so a node that loses its hub, or is killed, delivers it after
 reconnecting. One small JSON file per lease: crash-safe with a rename, easy to inspect.
+
+A result's output files wait beside it in ``<lease>.out/NAME`` (the executor moves them
+there before the record is written); the record's ``files`` lists them as
+``{"name", "sha256", "size"}``. Records written before output files existed have no
+``files`` and load as having none. An ``.out`` directory without a record is the
+leftover of a crash before the record was written, and is swept at start-up.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+_OUT_SUFFIX = ".out"
 
 
 class ResultSpool:
@@ -23,6 +32,10 @@ class ResultSpool:
 
     def _path(self, lease: int) -> Path:
         return self.directory / f"{lease}.json"
+
+    def output_dir(self, lease: int) -> Path:
+        """Where the output files of ``lease`` wait until its result is acknowledged."""
+        return self.directory / f"{lease}{_OUT_SUFFIX}"
 
     def put(self, lease: int, record: dict[str, Any]) -> None:
         """Store a result durably (write, fsync, rename, fsync the directory)."""
@@ -40,7 +53,22 @@ class ResultSpool:
             os.close(fd)
 
     def remove(self, lease: int) -> None:
+        """Forget a result and its output files."""
+        # The record goes first: a crash in between leaves an .out without a record
+        # (swept at start-up), never a record whose files are gone.
         self._path(lease).unlink(missing_ok=True)
+        self.discard_outputs(lease)
+
+    def discard_outputs(self, lease: int) -> None:
+        """Delete the output files of a run whose result will not be sent."""
+        shutil.rmtree(self.output_dir(lease), ignore_errors=True)
+
+    def sweep(self) -> None:
+        """Delete output directories whose result record is missing (call before runs start)."""
+        for path in self.directory.glob(f"*{_OUT_SUFFIX}"):
+            lease = path.name.removesuffix(_OUT_SUFFIX)
+            if lease.isdigit() and not self._path(int(lease)).exists():
+                shutil.rmtree(path, ignore_errors=True)
 
     def leases(self) -> list[int]:
         return sorted(int(p.stem) for p in self.directory.glob("*.json") if p.stem.isdigit())
@@ -55,4 +83,22 @@ class ResultSpool:
             log.error("spool: dropping unreadable result %s: %s", lease, exc)
             self.remove(lease)
             return None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return None
+        files = data.setdefault("files", [])  # records from before output files
+        if not isinstance(files, list) or not all(_is_file_entry(entry) for entry in files):
+            log.error("spool: dropping result %s with a malformed file list", lease)
+            self.remove(lease)
+            return None
+        return data
+
+
+def _is_file_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and set(entry) == {"name", "sha256", "size"}
+        and isinstance(entry["name"], str)
+        and isinstance(entry["sha256"], str)
+        and isinstance(entry["size"], int)
+        and not isinstance(entry["size"], bool)
+    )
