@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 TICK = 0.25  # seconds between timer rounds (offer and heartbeat expiry)
 INBOX_POLL = 0.5
 RETRY_DELAY = 5.0
+EXPORT_COALESCE = 0.2  # seconds; results.jsonl trails the database by about this much
 MAX_OUTPUT_FILES = 64  # after a database or disk error in the inbox or outbox
 MAX_OFFER_BYTES = 2 * 1024 * 1024  # inputs per offer message, well under the frame limit
 _MESSAGE_TYPES = (
@@ -272,6 +273,9 @@ class HubRuntime:
         self._export_wanted.set()  # whatever a crash left unexported
         while True:
             await self._export_wanted.wait()
+            # Let finished tasks gather: one export (one fsync, one transaction) for many,
+            # instead of one per commit, which kept the store's thread from committing.
+            await asyncio.sleep(EXPORT_COALESCE)
             self._export_wanted.clear()
             try:
                 await self.astore.call(self.outbox.export)
