@@ -19,9 +19,8 @@ import contextlib
 import json
 import logging
 import random
-import shutil
 from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ from issc.protocol import (
     Ready,
     ResultAck,
     Role,
+    State,
     TaskOffer,
     UploadAck,
     Welcome,
@@ -68,6 +68,7 @@ from node.executor import Executor, RunOutcome, RunRequest, make_executor
 from node.fetch import BundleFetcher, InputFetcher
 from node.files import FileCache
 from node.runs import failure
+from node.sandbox import remove_tree
 from node.spool import ResultSpool
 from node.transfer import Send
 from node.upload import Uploader
@@ -143,7 +144,8 @@ class NodeClient:
         self.uploads = Uploader()
         self.scratch = data / "scratch"
         # Leftovers of runs killed with the node: nothing in them will be used again.
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        # remove_tree, not rmtree: in/ is read-only (0555) and a task may have chmodded more.
+        remove_tree(self.scratch)
         self.executors: dict[str, Executor] = {}
         self.running: dict[int, Running] = {}
         self.reserved = 0  # offers chosen to run, waiting for their bundle
@@ -310,7 +312,7 @@ class NodeClient:
         current one, or is closing, are dropped (they are redone on the next link)."""
 
         def send(message: Message) -> None:
-            if self.link is link and link.conn.state is not CLOSED_STATE:
+            if self.link is link and link.conn.state is State.OPEN:
                 self._send(link, message)
 
         return send
@@ -390,7 +392,7 @@ class NodeClient:
         project = offers[0].project
         leases = [o.lease for o in offers]
         try:
-            bundle_dir = await self._bundle(link, digest, project, offers[0].size)
+            bundle_dir = await self.bundles.fetch(digest, project, offers[0].size)
             manifest = self.cache.manifest(digest)
             if manifest.version != offers[0].version:
                 raise BundleError(
@@ -402,53 +404,17 @@ class NodeClient:
                 link, BundleRefused(project=project, digest=digest, reason=str(exc), leases=leases)
             )
             return
+        except (ConnectionError, FileTransferError) as exc:
+            # Not the bundle's fault: the offers expire at the hub; the partial file stays.
+            log.warning("cannot fetch bundle %s of %s: %s", digest[:12], project, exc)
+            return
         if self.link is not link:
             return  # the connection died meanwhile: the hub will not see an accept
         self.cache.record_version(project, manifest.version)
         self._send(link, Accept(leases=leases))
         for offer in offers:
             running = self.running[offer.lease] = Running(offer)
-            running.task = asyncio.create_task(self._run_task(offer, bundle_dir, manifest))
-
-    async def _bundle(self, link: _Link, digest: str, project: str, size: int) -> Path:
-        """The verified bundle directory, downloading it over ``link`` if needed."""
-        if digest in self.cache.refused:
-            raise BundleError(self.cache.refused[digest])
-        ready = self.cache.ready(digest)
-        if ready is not None:
-            return ready
-        download = link.downloads.get(digest)
-        if download is None:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            download = link.downloads[digest] = _Download(project, future)
-            offset = self.cache.partial_size(digest)
-            log.info(
-                "fetching bundle %s of %s (%d bytes, from %d)", digest[:12], project, size, offset
-            )
-            self._send(link, FetchBundle(digest=digest, offset=offset))
-        try:
-            await asyncio.shield(download.done)
-        finally:
-            link.downloads.pop(digest, None)
-        ready = self.cache.ready(digest)
-        if ready is None:  # another waiter's install failed
-            raise BundleError(self.cache.refused.get(digest, "bundle could not be installed"))
-        return ready
-
-    def _on_chunk(self, link: _Link, chunk: BundleChunk) -> None:
-        download = link.downloads.get(chunk.digest)
-        if download is None or download.done.done():
-            return
-        try:
-            complete = self.cache.append_chunk(chunk.digest, chunk.offset, chunk.total, chunk.data)
-            if not complete:
-                offset = chunk.offset + len(chunk.data)
-                self._send(link, FetchBundle(digest=chunk.digest, offset=offset))
-                return
-            self.cache.install(chunk.digest, download.project)
-            download.done.set_result(None)
-        except BundleError as exc:
-            download.done.set_exception(exc)
+            running.task = asyncio.create_task(self._run_task(running, bundle_dir, manifest))
 
     # ---- running tasks ------------------------------------------------------------------
 
@@ -457,7 +423,44 @@ class NodeClient:
             self.executors[mode] = make_executor(mode, self.scratch, self.config.slots)
         return self.executors[mode]
 
-    async def _run_task(self, offer: TaskOffer, bundle_dir: Path, manifest: Manifest) -> None:
+    async def _run_task(self, running: Running, bundle_dir: Path, manifest: Manifest) -> None:
+        offer = running.offer
+        try:
+            with self.inputs.pinned(offer.files):  # never evicted while the task lives
+                inputs, outcome = await self._inputs_of(running)
+                if outcome is None:
+                    outcome = await self._execute(offer, manifest, bundle_dir, inputs)
+        except asyncio.CancelledError:
+            if not running.cancelled:
+                raise  # the node is going down, not this lease
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()  # our own cancel, from _cancel_run: handled here
+            outcome = None
+        finally:
+            self.running.pop(offer.lease, None)
+        if outcome is None or running.cancelled:
+            self.spool.discard_outputs(offer.lease)
+        else:
+            self._deliver(offer, outcome)
+        self._send_ready()
+
+    async def _inputs_of(self, running: Running) -> tuple[dict[str, Path], RunOutcome | None]:
+        """The task's input files by name (waiting for a connection if need be), or a failed
+        outcome naming the file that could not be had."""
+        if not running.offer.files:
+            return {}, None
+        running.fetching = True
+        try:
+            return await self.inputs.fetch_all(running.offer.files), None
+        except (FileTransferError, OSError) as exc:
+            return {}, failure(f"cannot fetch the input files: {exc}")
+        finally:
+            running.fetching = False
+
+    async def _execute(
+        self, offer: TaskOffer, manifest: Manifest, bundle_dir: Path, inputs: dict[str, Path]
+    ) -> RunOutcome:
         request = RunRequest(
             lease=offer.lease,
             task_id=offer.task,
@@ -465,21 +468,20 @@ class NodeClient:
             bundle_dir=bundle_dir,
             entrypoint=manifest.entrypoint,
             limits=manifest.limits,
+            input_files=inputs,
+            output_dir=self.spool.output_dir(offer.lease),
         )
         try:
-            outcome = await self._executor(manifest.mode).run(request)
+            return await self._executor(manifest.mode).run(request)
         except ExecutionError as exc:  # e.g. an input the program cannot be given
-            outcome = RunOutcome(False, None, f"cannot run the task: {exc}", 0.0, 0.0)
-        finally:
-            running = self.running.pop(offer.lease, None)
-        if running is None or running.cancelled:
-            self._send_ready()
-            return
-        self._deliver(offer, outcome)
-        self._send_ready()
+            return failure(f"cannot run the task: {exc}")
 
     def _deliver(self, offer: TaskOffer, outcome: RunOutcome) -> None:
         outcome = _sendable(outcome)
+        files = [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in outcome.output_files]
+        if not outcome.ok:
+            files = []  # a result that cannot travel takes no files with it
+            self.spool.discard_outputs(offer.lease)
         record: dict[str, Any] = {
             "lease": offer.lease,
             "project": offer.project,
@@ -489,7 +491,7 @@ class NodeClient:
             "error": outcome.error,
             "cpu_seconds": outcome.cpu_seconds,
             "wall_seconds": outcome.wall_seconds,
-            "files": [],
+            "files": files,
         }
         self.spool.put(offer.lease, record)
         log.info(
@@ -499,11 +501,12 @@ class NodeClient:
             "done" if outcome.ok else f"failed: {outcome.error}",
             outcome.wall_seconds,
         )
-        if self.link is not None:
-            self._send(self.link, Result(**record))
+        self.uploads.submit(record, self.spool.output_dir(offer.lease))
 
     def _cancel_run(self, lease: int, running: Running) -> None:
         running.cancelled = True
+        if running.fetching and running.task is not None:
+            running.task.cancel()  # nothing runs yet; stop waiting for its files
         for executor in self.executors.values():
             self._spawn(executor.cancel(lease))
 
@@ -531,6 +534,8 @@ class NodeClient:
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await serving
+        await self.bundles.close()
+        await self.inputs.close()
         for executor in self.executors.values():
             await executor.close()
 

@@ -6,9 +6,10 @@ Two executors implement the same small interface (``Executor``):
   fresh cwd (removed afterwards) holding ``input.json``, ``tmp/``, ``in/`` (the task's
   input files, read-only copies) and ``out/``; the input also arrives on stdin. The
   result is ``result.json`` if the program wrote one (it must be valid JSON), else
-  stdout: JSON if it parses, else the text with one trailing newline stripped. Exit status 0 is success; anything else fails with the status or signal and
-  the last 2 KiB of stderr. stdout and stderr go to files the executor keeps open, so
-  their size is bounded by RLIMIT_FSIZE and only ``output_mb`` of stdout is ever read.
+  stdout: JSON if it parses, else the text with one trailing newline stripped. Exit
+  status 0 is success; anything else fails with the status or signal and the last 2 KiB
+  of stderr. stdout and stderr go to files the executor keeps open, so their size is
+  bounded by RLIMIT_FSIZE and only ``output_mb`` of stdout is ever read.
   After a success, the files left in ``out/`` are checked and moved to the request's
   ``output_dir`` (``node.taskfiles``); breaking the rules there fails the task.
 * ``PersistentExecutor`` (mode ``persistent``, in ``node.persistent``): a pool of

@@ -3,15 +3,15 @@
 The pool is keyed by (bundle_dir, entrypoint); each process gets its own scratch dir
 ``<scratch_root>/worker-<n>`` as its cwd and one task at a time: ``{"id": task_id,
 "input": ...}`` as one line on stdin, one line back, ``{"id": ..., "result": ...}`` or
-``{"id": ..., "error": "..."}``.
+``{"id": ..., "error": "..."}``. A process that dies, overruns the wall limit, is
+cancelled, or sends a malformed or oversized line is killed and replaced on the next task.
 
 Files: the line carries no paths. Because a process has one task at a time, its cwd's
 ``in/`` and ``out/`` belong to the task in flight: before each line is sent they are
 emptied and ``in/`` is filled with that task's input files (read-only copies); after a
 successful reply what the process left in ``out/`` is collected as that task's output
 files, and both are emptied again. A program should therefore finish writing ``out/``
-before it answers, and read ``in/`` only between a task line and its answer. A process that dies, overruns the wall limit, is
-cancelled, or sends a malformed or oversized line is killed and replaced on the next task.
+before it answers, and read ``in/`` only between a task line and its answer.
 
 As in ``node.executor``, task-level failures never raise: ``run`` returns
 ``RunOutcome(ok=False, error=...)``. How a process is launched and confined lives in

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Protocol
 
 from issc.errors import ExecutionError
@@ -20,7 +19,6 @@ from issc.manifest import Limits
 from node.taskfiles import OutputFile, collect_outputs, reset_task_dirs, stage_inputs
 
 CANCELLED = "cancelled"
-_NO_FILES: Mapping[str, Path] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +32,7 @@ class RunRequest:
     entrypoint: tuple[str, ...]
     limits: Limits
     # name -> checked file in the node's cache; copied read-only to in/NAME before the run
-    input_files: Mapping[str, Path] = _NO_FILES
+    input_files: Mapping[str, Path] = field(default_factory=dict)
     # where a successful run's out/ files are moved; None: out/ is not collected
     output_dir: Path | None = None
 

@@ -60,6 +60,7 @@ RESULT = Result(
     error=None,
     cpu_seconds=0.0,
     wall_seconds=0.0,
+    files=[],
 )
 
 # name: (bytes to send, fragment of the hub's error message)

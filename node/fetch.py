@@ -1,0 +1,183 @@
+"""Fetching what a task needs from the hub: its project's bundle and its input files.
+
+Both download in chunks over the node's connection (``node.transfer``) into their
+caches, and a download of one digest is shared by every task that needs it.
+
+* ``BundleFetcher``: a bundle is fetched for offers not yet accepted, so a lost
+  connection ends its download (the offers expire at the hub; the partial file stays and
+  the next offer resumes it). A complete bundle is verified and installed by
+  ``node.cache.BundleCache``.
+* ``InputFetcher``: input files are fetched for accepted leases, which survive a lost
+  connection, so a download waits for the next connection and resumes from the partial
+  length. A digest mismatch discards the data and fetches once more; a second mismatch,
+  a stalled hub or a refused chunk fails the tasks that wait for the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from issc.errors import BundleError, FileTransferError
+from issc.protocol import FetchBundle, FetchFile, FileChunk, FileRef
+from node.cache import BundleCache
+from node.files import MAX_INPUT_FILE_SIZE, SHA256_RE, DigestMismatchError, FileCache
+from node.taskfiles import MAX_FILES, PLAIN_NAME_RE
+from node.transfer import MAX_STALLS, STALL_SECONDS, Fetcher
+
+log = logging.getLogger(__name__)
+
+MAX_DIGEST_MISMATCHES = 2  # a mismatch may be a glitch; two in a row are not
+
+
+class BundleFetcher(Fetcher):
+    """Bundles by digest, verified and extracted by ``cache``."""
+
+    def __init__(
+        self,
+        cache: BundleCache,
+        *,
+        stall_seconds: float = STALL_SECONDS,
+        max_stalls: int = MAX_STALLS,
+    ) -> None:
+        super().__init__(stall_seconds=stall_seconds, max_stalls=max_stalls)
+        self.cache = cache
+
+    async def fetch(self, digest: str, project: str, size: int) -> Path:
+        """The verified bundle directory, downloaded over the current connection if needed.
+
+        Raises:
+            BundleError: the bundle was refused (now or earlier): digest, signature,
+                project, a file's hash, or a chunk the hub should not have sent.
+            FileTransferError: the hub stopped answering.
+            ConnectionError: there is no connection, or it was lost meanwhile.
+        """
+        if not SHA256_RE.match(digest):  # it becomes a file name in the cache
+            raise BundleError(f"{digest[:80]!r} is not a SHA-256 digest")
+        if digest in self.cache.refused:
+            raise BundleError(self.cache.refused[digest])
+        ready = self.cache.ready(digest)
+        if ready is not None:
+            return ready
+        return await self.shared(digest, lambda: self._download(digest, project, size))
+
+    async def _download(self, digest: str, project: str, size: int) -> Path:
+        offset = self.cache.partial_size(digest)
+        log.info("fetching bundle %s of %s (%d bytes, from %d)", digest[:12], project, size, offset)
+        await self.transfer(
+            digest,
+            offset,
+            lambda at: FetchBundle(digest=digest, offset=at),
+            lambda at, total, data: self.cache.append_chunk(digest, at, total, data),
+        )
+        return self.cache.install(digest, project)
+
+
+class InputFetcher(Fetcher):
+    """Tasks' input files by SHA-256, kept in ``cache``."""
+
+    def __init__(
+        self,
+        cache: FileCache,
+        *,
+        stall_seconds: float = STALL_SECONDS,
+        max_stalls: int = MAX_STALLS,
+    ) -> None:
+        super().__init__(stall_seconds=stall_seconds, max_stalls=max_stalls)
+        self.cache = cache
+
+    def on_chunk(self, chunk: FileChunk) -> None:
+        self.feed(chunk.sha256, chunk.offset, chunk.total, chunk.data)
+
+    @contextlib.contextmanager
+    def pinned(self, refs: Sequence[FileRef]) -> Iterator[None]:
+        """Keep these files from eviction while the block runs (the task's whole life)."""
+        with self.cache.pinned(ref.sha256 for ref in refs):
+            yield
+
+    async def fetch_all(self, refs: Sequence[FileRef]) -> dict[str, Path]:
+        """Each input file's cached path by name, downloading what is missing.
+
+        Waits for a connection while there is none.
+
+        Raises FileTransferError naming the file: a bad name, digest or size in the offer,
+        too many files, or a download that failed (stalled hub, refused chunk, digest
+        mismatch twice).
+        """
+        check_refs(refs)
+        paths: dict[str, Path] = {}
+        for ref in refs:
+            try:
+                paths[ref.name] = await self.fetch(ref)
+            except FileTransferError as exc:
+                raise FileTransferError(f"input file {ref.name}: {exc}") from None
+        return paths
+
+    async def fetch(self, ref: FileRef) -> Path:
+        """One input file's cached path. Raises FileTransferError."""
+        cached = self.cache.path(ref.sha256)
+        if cached is not None:
+            return cached
+        return await self.shared(ref.sha256, lambda: self._download(ref))
+
+    async def _download(self, ref: FileRef) -> Path:
+        sha256, size = ref.sha256, ref.size
+        mismatches = 0
+        while True:
+            await self.connected()
+            offset = self.cache.partial_size(sha256)
+            if offset > size:  # left by an earlier offer that named another size
+                self.cache.discard(sha256)
+                offset = 0
+            # A part already complete (the node stopped before checking it) needs no ask.
+            if offset < size or size == 0:
+                log.info("fetching input file %s (%d bytes, from %d)", sha256[:12], size, offset)
+                try:
+                    await self.transfer(
+                        sha256,
+                        offset,
+                        lambda at: FetchFile(sha256=sha256, offset=at),
+                        lambda at, total, data: self.cache.append_chunk(
+                            sha256, at, total, data, size=size
+                        ),
+                    )
+                except ConnectionError:
+                    continue  # resumed from the partial length on the next connection
+            try:
+                path = await asyncio.to_thread(self.cache.finish, sha256)
+            except DigestMismatchError as exc:
+                mismatches += 1
+                if mismatches >= MAX_DIGEST_MISMATCHES:
+                    raise FileTransferError(f"{exc} (twice)") from None
+                log.warning("input file %s: %s; fetching it once more", sha256[:12], exc)
+                continue
+            self.cache.evict()
+            return path
+
+
+def check_refs(refs: Sequence[FileRef]) -> None:
+    """Refuse an offer's file list that the node cannot or must not use.
+
+    Raises FileTransferError naming the problem: more than 64 files, a name that is not a
+    plain file name (it becomes ``in/NAME``), a name twice, a digest that is not 64 hex
+    digits (it becomes a cache file name), or a size over 1 GiB.
+    """
+    if len(refs) > MAX_FILES:
+        raise FileTransferError(f"{len(refs)} input files; at most {MAX_FILES} are allowed")
+    seen: set[str] = set()
+    for ref in refs:
+        if not PLAIN_NAME_RE.match(ref.name):
+            raise FileTransferError(f"input file name {ref.name[:200]!r} is not a plain file name")
+        if ref.name in seen:
+            raise FileTransferError(f"input file {ref.name} is named twice")
+        seen.add(ref.name)
+        if not SHA256_RE.match(ref.sha256):
+            raise FileTransferError(f"input file {ref.name}: {ref.sha256[:80]!r} is not a SHA-256")
+        if ref.size > MAX_INPUT_FILE_SIZE:
+            raise FileTransferError(
+                f"input file {ref.name}: {ref.size} bytes exceed the limit of "
+                f"{MAX_INPUT_FILE_SIZE} bytes"
+            )

@@ -1,0 +1,269 @@
+"""The node client with input and output files, against a scripted hub on a real socket.
+
+The hub side is played by the test, message by message, so that the node's wiring is seen
+on the wire: input files fetched after the accept and resumed on the next connection, the
+task run with them, its output uploaded before the result; a cancel while a file is still
+missing; a file that keeps failing its digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import yaml
+
+from issc.bundle import pack_bundle
+from issc.config import load_node_config
+from issc.keys import generate_key
+from issc.protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Accept,
+    BundleChunk,
+    Cancel,
+    Connection,
+    FetchBundle,
+    FetchFile,
+    FileChunk,
+    FileRef,
+    Heartbeat,
+    Hello,
+    Message,
+    Offer,
+    Ready,
+    Result,
+    ResultAck,
+    Role,
+    TaskOffer,
+    Upload,
+    UploadAck,
+    Welcome,
+)
+from node.client import NodeClient
+
+pytestmark = pytest.mark.timeout(30)
+
+M = TypeVar("M", bound=Message)
+
+PROGRAM = """
+import json, shutil
+shutil.copyfile("in/data.bin", "out/copy.bin")
+print(json.dumps({"copied": len(open("in/data.bin", "rb").read())}))
+"""
+DATA = bytes(range(256)) * 20  # 5120 bytes, served in chunks of 2000
+DATA_SHA = hashlib.sha256(DATA).hexdigest()
+SERVED_CHUNK = 2000
+
+
+@dataclass
+class HubSide:
+    """One connection from the node, seen from the hub."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: Connection = field(default_factory=lambda: Connection(Role.HUB))
+
+    def send(self, message: Message) -> None:
+        self.writer.write(self.conn.send(message))
+
+    async def next(self) -> Message:
+        """The next message that is not a heartbeat or a ready."""
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                self.conn.receive_data(await self.reader.read(65536))
+                continue
+            assert isinstance(event, Message), f"connection ended: {event}"
+            if not isinstance(event, Heartbeat | Ready):
+                return event
+
+    async def expect(self, kind: type[M]) -> M:
+        message = await asyncio.wait_for(self.next(), 10)
+        assert isinstance(message, kind), f"expected {kind.__name__}, got {message}"
+        return message
+
+    async def handshake(self, resumed: list[int]) -> Hello:
+        hello = await self.expect(Hello)
+        self.send(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                node_id="n-0000abcd",
+                node_secret="secret",
+                heartbeat_interval=30.0,
+                heartbeat_misses=3,
+                max_frame_size=4 * 1024 * 1024,
+                resumed=resumed,
+            )
+        )
+        return hello
+
+    def serve_file(self, ask: FetchFile, content: bytes = DATA) -> None:
+        piece = content[ask.offset : ask.offset + SERVED_CHUNK]
+        self.send(FileChunk(sha256=ask.sha256, offset=ask.offset, total=len(content), data=piece))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class Setup:
+    connections: asyncio.Queue[HubSide]
+    client: NodeClient
+    offer: TaskOffer
+    bundle: bytes
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    public = generate_key(tmp_path / "owner.key")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.py").write_text(PROGRAM)
+    (project / "project.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "copy",
+                "version": 1,
+                "entrypoint": ["python3", "main.py"],
+                "mode": "process",
+                "limits": {"wall_seconds": 20, "memory_mb": 256, "output_mb": 1},
+            }
+        )
+    )
+    bundle_path = tmp_path / "copy-1.issc"
+    pack_bundle(project, tmp_path / "owner.key", bundle_path)
+    bundle = bundle_path.read_bytes()
+    connections: asyncio.Queue[HubSide] = asyncio.Queue()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await connections.put(HubSide(reader, writer))
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config_path = tmp_path / "node.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "hub": f"127.0.0.1:{port}",
+                "volunteer": "alice",
+                "data_dir": "node",
+                "projects": ["copy"],
+                "trusted_keys": {"copy": public},
+                "slots": 1,
+            }
+        )
+    )
+    client = NodeClient(load_node_config(config_path))
+    stop = asyncio.Event()
+    running = asyncio.create_task(client.run(stop))
+    offer = TaskOffer(
+        lease=1,
+        project="copy",
+        task="t-1",
+        version=1,
+        digest=hashlib.sha256(bundle).hexdigest(),
+        size=len(bundle),
+        input=None,
+        files=[FileRef(name="data.bin", sha256=DATA_SHA, size=len(DATA))],
+    )
+    try:
+        yield Setup(connections, client, offer, bundle)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running, 15)
+        server.close()
+
+
+async def offered(setup: Setup) -> HubSide:
+    """A connection on which the node has accepted the offer (bundle served)."""
+    hub = await setup.connections.get()
+    await hub.handshake(resumed=[])
+    hub.send(Offer(tasks=[setup.offer]))
+    ask = await hub.expect(FetchBundle)
+    hub.send(BundleChunk(digest=ask.digest, offset=0, total=len(setup.bundle), data=setup.bundle))
+    assert (await hub.expect(Accept)).leases == [1]
+    return hub
+
+
+async def test_input_fetched_across_a_cut_then_output_uploaded_before_the_result(
+    setup: Setup,
+) -> None:
+    hub = await offered(setup)
+    for offset in (0, 2000):
+        ask = await hub.expect(FetchFile)
+        assert (ask.sha256, ask.offset) == (DATA_SHA, offset)
+        hub.serve_file(ask)
+    await hub.expect(FetchFile)  # asked for 4000: the connection is cut instead
+    hub.close()
+
+    hub = await setup.connections.get()
+    hello = await hub.handshake(resumed=[1])
+    assert hello.leases == [1]  # the lease waiting for its file is still held
+    ask = await hub.expect(FetchFile)
+    assert ask.offset == 4000  # resumed from the partial file
+    hub.serve_file(ask)
+
+    copy_sha = DATA_SHA  # out/copy.bin is a copy of the input
+    probe = await hub.expect(Upload)
+    assert (probe.name, probe.offset, probe.data, probe.size) == ("copy.bin", 0, b"", len(DATA))
+    hub.send(UploadAck(lease=1, name="copy.bin", received=0))
+    chunk = await hub.expect(Upload)
+    assert (chunk.offset, chunk.data, chunk.sha256) == (0, DATA, copy_sha)
+    hub.send(UploadAck(lease=1, name="copy.bin", received=len(DATA)))
+    result = await hub.expect(Result)
+    assert result.ok, result.error
+    assert result.result == {"copied": len(DATA)}
+    assert result.files == [FileRef(name="copy.bin", sha256=copy_sha, size=len(DATA))]
+    spool = setup.client.spool
+    assert spool.leases() == [1]
+    assert (spool.output_dir(1) / "copy.bin").read_bytes() == DATA
+    hub.send(ResultAck(lease=1, accepted=True, reason=None))
+    await spool_drained(setup)
+    assert setup.client.inputs.cache.path(DATA_SHA) is not None  # cached for the next task
+
+
+async def test_a_cancel_while_the_input_is_missing_ends_the_wait(setup: Setup) -> None:
+    hub = await offered(setup)
+    await hub.expect(FetchFile)  # never answered
+    assert 1 in setup.client.running
+    hub.send(Cancel(leases=[1], reason="task completed elsewhere"))
+    for _ in range(200):
+        if 1 not in setup.client.running:
+            break
+        await asyncio.sleep(0.02)
+    assert 1 not in setup.client.running
+    assert setup.client.spool.leases() == []
+
+
+async def test_an_input_that_fails_its_digest_twice_fails_the_task_naming_the_file(
+    setup: Setup,
+) -> None:
+    hub = await offered(setup)
+    wrong = b"x" * len(DATA)
+    for _ in range(2):
+        for _ in range(3):
+            hub.serve_file(await hub.expect(FetchFile), wrong)
+    result = await hub.expect(Result)
+    assert result.ok is False
+    assert result.files == []
+    assert result.error is not None and "input file data.bin" in result.error
+    assert "SHA-256" in result.error
+    hub.send(ResultAck(lease=1, accepted=True, reason=None))
+    await spool_drained(setup)
+
+
+async def spool_drained(setup: Setup) -> None:
+    spool = setup.client.spool
+    for _ in range(200):
+        if not spool.leases() and not spool.output_dir(1).exists():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"spool still holds {spool.leases()}")
