@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from issc.errors import IsscError
+from issc.names import SHA256_RE
 
 CHUNK = 1024 * 1024
 MAX_INPUT_FILE = 1024 * 1024 * 1024
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class FileStoreError(IsscError):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hub import scheduler as sched
-from hub.blobs import FILE_NAME_RE, ContentStore, UploadArea
+from hub.blobs import ContentStore, UploadArea
 from hub.changes import Change, TaskFinished
 from hub.inbox import Inbox
 from hub.outbox import Outbox
@@ -26,6 +26,7 @@ from hub.session import NodeSession
 from hub.store import AsyncStore, Store
 from issc.config import HubConfig
 from issc.errors import StoreError
+from issc.names import PLAIN_NAME_RE
 from issc.protocol import (
     BUNDLE_CHUNK_SIZE,
     Cancel,
@@ -154,7 +155,7 @@ class HubRuntime:
         holder = self.scheduler.leases.get(lease) or self.scheduler.past_leases.get(lease)
         if holder is None or holder.node_id != node_id:
             return f"lease {lease} is not an unfinished lease of this node"
-        if not FILE_NAME_RE.match(name):
+        if not PLAIN_NAME_RE.match(name):
             return f"output name {name[:80]!r} is not a plain file name"
         task = self.scheduler.tasks[holder.task_pk]
         limit = self.scheduler.projects[task.project_id].output_mb * 1024 * 1024

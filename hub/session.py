@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from hub import scheduler as sched
-from hub.blobs import SHA256_RE
 from hub.changes import FileInfo
 from issc.errors import IsscError, LocalProtocolError, RemoteProtocolError, StoreError
+from issc.names import SHA256_RE
 from issc.protocol import (
     CLOSED,
     NEED_DATA,

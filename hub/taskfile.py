@@ -14,16 +14,16 @@ from typing import Any
 
 import yaml
 
-from hub.blobs import FILE_NAME_RE
 from hub.store import TaskEntry
 from issc.errors import TaskFileError
+from issc.names import PLAIN_NAME_RE
 
 MAX_TASKS_PER_FILE = 1_000_000
 MAX_INPUT_BYTES = 1024 * 1024  # an input must fit in one frame with room to spare
 # YAML aliases let a few bytes stand for gigabytes ("billion laughs"): a file may not
 # expand to more than the biggest file the inbox takes (hub/inbox.py MAX_INBOX_FILE).
 MAX_EXPANDED_BYTES = 512 * 1024 * 1024
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # safe as a directory name
+TASK_ID_RE = PLAIN_NAME_RE  # task ids become directory names in the outbox
 _TASK_KEYS = {"id", "input", "files"}
 _JSONL_KEYS = {"project", "id", "input", "files"}
 MAX_FILES_PER_TASK = 64
@@ -90,7 +90,7 @@ def _check_files(files: Any, task_id: str, line: int) -> tuple[tuple[str, str], 
         raise TaskFileError(f"task {task_id!r}: more than {MAX_FILES_PER_TASK} files", line)
     pairs = []
     for name, path in files.items():
-        if not isinstance(name, str) or not FILE_NAME_RE.match(name):
+        if not isinstance(name, str) or not PLAIN_NAME_RE.match(name):
             raise TaskFileError(
                 f"task {task_id!r}: file name {name!r} must be a plain file name "
                 "(letters, digits, '_', '.', '-'; not starting with '.' or '-')",

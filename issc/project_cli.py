@@ -19,7 +19,6 @@ import contextlib
 import errno
 import filecmp
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -31,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from issc.bundle import bundle_digest, pack_bundle, verify_bundle
 from issc.errors import IsscError
 from issc.keys import generate_key, load_public_key_arg
+from issc.names import PLAIN_NAME_RE
 from issc.taskrefs import FileReference, file_references
 
 PROG = "issc-project"
@@ -38,7 +38,6 @@ PROG = "issc-project"
 SUBMITTABLE_SUFFIXES = (".issc", ".yaml", ".yml", ".jsonl")
 # An input file's NAME (``in/NAME`` on the node) and its bounds, as docs/design.md states them
 # and the hub checks them (hub/blobs.py, hub/taskfile.py, hub/inputs.py).
-INPUT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 MAX_INPUT_FILE_BYTES = 1024**3
 MAX_PATH_CHARS = 1024
 # The hub's own subdirectories of the inbox; an input file may not land in them.
@@ -141,7 +140,7 @@ def plan_input_files(files: list[Path], inbox: Path) -> dict[Path, list[InputCop
 
 def _check_reference(ref: FileReference) -> PurePosixPath:
     """NAME and PATH as written; returns PATH normalised (``./a//b`` is ``a/b``)."""
-    if not isinstance(ref.name, str) or not INPUT_NAME_RE.fullmatch(ref.name):
+    if not isinstance(ref.name, str) or not PLAIN_NAME_RE.fullmatch(ref.name):
         raise IsscError(
             f"{ref.where()}: input file name {ref.name!r} must be 1-128 letters, digits, "
             "'_', '.', '-' not starting with '.' or '-'"

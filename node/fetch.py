@@ -22,10 +22,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from issc.errors import BundleError, FileTransferError
+from issc.names import PLAIN_NAME_RE, SHA256_RE
 from issc.protocol import FetchBundle, FetchFile, FileChunk, FileRef
 from node.cache import BundleCache
-from node.files import MAX_INPUT_FILE_SIZE, SHA256_RE, DigestMismatchError, FileCache
-from node.taskfiles import MAX_FILES, PLAIN_NAME_RE
+from node.files import MAX_INPUT_FILE_SIZE, DigestMismatchError, FileCache
+from node.taskfiles import MAX_FILES
 from node.transfer import MAX_STALLS, STALL_SECONDS, Fetcher
 
 log = logging.getLogger(__name__)

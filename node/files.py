@@ -14,19 +14,19 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from issc.errors import FileTransferError
+from issc.names import SHA256_RE
 from node.transfer import append_part
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_FILE_SIZE = 1024 * 1024 * 1024  # docs/design.md: one input file at most 1 GiB
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
 _PART = ".part"
 
 

@@ -19,19 +19,19 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import shutil
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from issc.names import PLAIN_NAME_RE
 from node.sandbox import MIB, remove_tree
 
 IN_DIR = "in"
 OUT_DIR = "out"
 MAX_FILES = 64  # input files per task, output files per result
-PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
 _COPY_BLOCK = MIB
 
 
