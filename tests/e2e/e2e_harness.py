@@ -151,6 +151,7 @@ def write_project(
     mode: str = "process",
     version: int = 1,
     wall_seconds: int = 60,
+    output_mb: int = 1,
 ) -> Path:
     """A tiny project: ``project.yaml`` and ``main.py`` holding ``program``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,7 @@ def write_project(
         "version": version,
         "entrypoint": ["python3", "main.py"],
         "mode": mode,
-        "limits": {"wall_seconds": wall_seconds, "memory_mb": 256, "output_mb": 1},
+        "limits": {"wall_seconds": wall_seconds, "memory_mb": 256, "output_mb": output_mb},
         "quorum": 1,
     }
     (directory / "project.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
