@@ -13,7 +13,10 @@ from hub.control import ControlServer
 from hub.inbox import Inbox
 from hub.outbox import Outbox
 from hub.runtime import HubRuntime
-from hub.scheduler import Scheduler, Settings
+from hub.scheduler import (
+    Scheduler,
+    Settings,
+)
 from hub.session import NodeSession
 from hub.store import Store
 from issc.config import Address, HubConfig

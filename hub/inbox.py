@@ -19,8 +19,10 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from hub.blobs import ContentStore
+from hub.events import (
+    ProjectInfo,
+)
 from hub.inputs import InputResolver
-from hub.scheduler import ProjectInfo
 from hub.store import Store
 from hub.taskfile import parse_task_file
 from issc.bundle import verify_self_signed

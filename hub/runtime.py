@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hub import scheduler as sched
+from hub import events as ev
 from hub.blobs import ContentStore, UploadArea
 from hub.changes import Change, TaskFinished
 from hub.inbox import Inbox
 from hub.outbox import Outbox
+from hub.scheduler import Scheduler
 from hub.session import NodeSession
 from hub.store import AsyncStore, Store
 from issc.config import HubConfig
@@ -46,11 +47,11 @@ EXPORT_COALESCE = 0.2  # seconds; results.jsonl trails the database by about thi
 MAX_OUTPUT_FILES = 64  # after a database or disk error in the inbox or outbox
 MAX_OFFER_BYTES = 2 * 1024 * 1024  # inputs per offer message, well under the frame limit
 _MESSAGE_TYPES = (
-    sched.SendWelcome,
-    sched.SendOffers,
-    sched.SendCancel,
-    sched.SendResultAck,
-    sched.Disconnect,
+    ev.SendWelcome,
+    ev.SendOffers,
+    ev.SendCancel,
+    ev.SendResultAck,
+    ev.Disconnect,
 )
 
 
@@ -59,7 +60,7 @@ class HubRuntime:
         self,
         config: HubConfig,
         store: Store,
-        scheduler: sched.Scheduler,
+        scheduler: Scheduler,
         inbox: Inbox,
         outbox: Outbox,
         files: ContentStore,
@@ -74,7 +75,7 @@ class HubRuntime:
         self.now = clock
         self.sessions: dict[str, NodeSession] = {}
         self.started_at = clock()
-        self._pending: list[sched.Event] = []
+        self._pending: list[ev.Event] = []
         self._wake = asyncio.Event()
         self._export_wanted = asyncio.Event()
         self._bundles: dict[str, bytes] = {}
@@ -86,7 +87,7 @@ class HubRuntime:
 
     # ---- events in --------------------------------------------------------------------
 
-    def submit(self, event: sched.Event) -> None:
+    def submit(self, event: ev.Event) -> None:
         self._pending.append(event)
         self._wake.set()
 
@@ -98,7 +99,7 @@ class HubRuntime:
             old.close()
         self.sessions[session.node_id] = session
         self.submit(
-            sched.NodeJoined(
+            ev.NodeJoined(
                 session.node_id,
                 hello.volunteer,
                 tuple(hello.projects),
@@ -111,7 +112,7 @@ class HubRuntime:
         assert session.node_id is not None
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
-            self.submit(sched.NodeLeft(session.node_id, self.now()))
+            self.submit(ev.NodeLeft(session.node_id, self.now()))
 
     async def enroll(self, hello: Hello, address: str) -> tuple[str, str]:
         return await self.astore.call(
@@ -191,12 +192,12 @@ class HubRuntime:
                 await asyncio.wait_for(self._wake.wait(), TICK)
             self._wake.clear()
             events, self._pending = self._pending, []
-            instructions = self.scheduler.handle(*events, sched.Tick(self.now()))
+            instructions = self.scheduler.handle(*events, ev.Tick(self.now()))
             await self._carry_out(instructions)
 
-    async def _carry_out(self, instructions: Sequence[sched.Instruction]) -> None:
+    async def _carry_out(self, instructions: Sequence[ev.Instruction]) -> None:
         changes: list[Change] = []
-        messages: list[sched.Message] = []
+        messages: list[ev.Message] = []
         for item in instructions:
             if isinstance(item, _MESSAGE_TYPES):
                 messages.append(item)
@@ -213,26 +214,26 @@ class HubRuntime:
         for message in messages:
             await self._deliver(message)
 
-    async def _deliver(self, message: sched.Message) -> None:
+    async def _deliver(self, message: ev.Message) -> None:
         session = self.sessions.get(message.node_id)
         if session is None:
             return  # gone: its leases expire on their own
         match message:
-            case sched.SendWelcome():
+            case ev.SendWelcome():
                 session.send_welcome(message.resumed)
-            case sched.SendOffers():
+            case ev.SendOffers():
                 await self._send_offers(session, message.items)
-            case sched.SendCancel():
+            case ev.SendCancel():
                 session.send(Cancel(leases=list(message.leases), reason=message.reason))
-            case sched.SendResultAck():
+            case ev.SendResultAck():
                 session.send(
                     ResultAck(lease=message.lease, accepted=message.accepted, reason=message.reason)
                 )
-            case sched.Disconnect():
+            case ev.Disconnect():
                 log.warning("node %s: %s; disconnecting", message.node_id, message.reason)
                 session.close()
 
-    async def _send_offers(self, session: NodeSession, items: Sequence[sched.OfferItem]) -> None:
+    async def _send_offers(self, session: NodeSession, items: Sequence[ev.OfferItem]) -> None:
         payloads = await self.astore.call(self.store.offer_payloads, [i.task_pk for i in items])
         batch: list[TaskOffer] = []
         size = 0
@@ -298,9 +299,9 @@ class HubRuntime:
             for item in ingested:
                 if item.project is not None:
                     self._bundles.pop(item.project.digest or "", None)
-                    self.submit(sched.ProjectUpdated(item.project))
+                    self.submit(ev.ProjectUpdated(item.project))
                 if item.project_id is not None and item.task_pks:
-                    self.submit(sched.TasksAdded(item.project_id, item.task_pks))
+                    self.submit(ev.TasksAdded(item.project_id, item.task_pks))
             await asyncio.sleep(INBOX_POLL)
 
     # ---- admin views ------------------------------------------------------------------

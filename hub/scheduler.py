@@ -15,17 +15,36 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from hub.changes import (
-    Change,
-    FileInfo,
     LeaseAccepted,
     LeaseEnded,
     LeaseOffered,
     LeaseOutcome,
     TaskFinished,
     TaskUpdated,
+)
+from hub.events import (
+    BundleRefused,
+    Disconnect,
+    Event,
+    HeartbeatReceived,
+    Instruction,
+    LeasesDeclined,
+    NodeJoined,
+    NodeLeft,
+    OfferItem,
+    OffersAccepted,
+    ProjectInfo,
+    ProjectUpdated,
+    ResultReceived,
+    SendCancel,
+    SendOffers,
+    SendResultAck,
+    SendWelcome,
+    SlotsFree,
+    TasksAdded,
+    Tick,
 )
 from hub.lifecycle import TaskEvent, TaskState, next_state
 
@@ -38,18 +57,6 @@ class Settings:
     max_attempts: int
     offer_timeout: float
     lease_window: float  # heartbeat_interval * heartbeat_misses
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectInfo:
-    id: int
-    name: str
-    version: int
-    digest: str | None  # the current bundle; None until one is registered
-    size: int
-    paused: bool = False
-    quorum: int = 1
-    output_mb: int = 64  # the bundle's limits.output_mb: a cap on uploads for its tasks
 
 
 @dataclass(slots=True)
@@ -83,151 +90,6 @@ class NodeRec:
     leases: set[int] = field(default_factory=set)
     refused_digests: set[str] = field(default_factory=set)
     next_project: int = 0  # round-robin start among the node's projects
-
-
-# ---- events -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class NodeJoined:
-    node_id: str
-    volunteer: str
-    projects: tuple[str, ...]
-    held_leases: tuple[int, ...]
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class NodeLeft:
-    node_id: str
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatReceived:
-    node_id: str
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class SlotsFree:
-    node_id: str
-    free: int
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class OffersAccepted:
-    node_id: str
-    leases: tuple[int, ...]
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class LeasesDeclined:
-    node_id: str
-    leases: tuple[int, ...]
-    reason: str
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class BundleRefused:
-    node_id: str
-    digest: str
-    reason: str
-    leases: tuple[int, ...]
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class ResultReceived:
-    node_id: str
-    lease: int
-    ok: bool
-    result: Any
-    error: str | None
-    cpu_seconds: float
-    wall_seconds: float
-    now: float
-    files: tuple[FileInfo, ...] = ()  # output files, already uploaded and checked
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class TasksAdded:
-    project_id: int
-    task_pks: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectUpdated:
-    project: ProjectInfo
-
-
-Event = (
-    NodeJoined
-    | NodeLeft
-    | HeartbeatReceived
-    | SlotsFree
-    | OffersAccepted
-    | LeasesDeclined
-    | BundleRefused
-    | ResultReceived
-    | Tick
-    | TasksAdded
-    | ProjectUpdated
-)
-
-# ---- instructions (besides the durable changes of hub/changes.py) -------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SendWelcome:
-    node_id: str
-    resumed: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class OfferItem:
-    lease: int
-    task_pk: int
-    project: ProjectInfo
-
-
-@dataclass(frozen=True, slots=True)
-class SendOffers:
-    node_id: str
-    items: tuple[OfferItem, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SendCancel:
-    node_id: str
-    leases: tuple[int, ...]
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class SendResultAck:
-    node_id: str
-    lease: int
-    accepted: bool
-    reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    node_id: str
-    reason: str
-
-
-Message = SendWelcome | SendOffers | SendCancel | SendResultAck | Disconnect
-Instruction = Change | Message
 
 
 @dataclass(slots=True)

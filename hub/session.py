@@ -14,7 +14,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from hub import scheduler as sched
+from hub import events as ev
 from hub.changes import FileInfo
 from issc.errors import IsscError, LocalProtocolError, RemoteProtocolError, StoreError
 from issc.names import SHA256_RE
@@ -211,19 +211,19 @@ class NodeSession:
         return self.node_id
 
     def _on_heartbeat(self, message: Heartbeat) -> None:
-        self.runtime.submit(sched.HeartbeatReceived(self._id, self.runtime.now()))
+        self.runtime.submit(ev.HeartbeatReceived(self._id, self.runtime.now()))
         self.send(HeartbeatAck())
 
     def _on_ready(self, message: Ready) -> None:
         free = min(message.free, MAX_SLOTS)
-        self.runtime.submit(sched.SlotsFree(self._id, free, self.runtime.now()))
+        self.runtime.submit(ev.SlotsFree(self._id, free, self.runtime.now()))
 
     def _on_accept(self, message: Accept) -> None:
         now = self.runtime.now()
-        self.runtime.submit(sched.OffersAccepted(self._id, tuple(message.leases), now))
+        self.runtime.submit(ev.OffersAccepted(self._id, tuple(message.leases), now))
 
     def _on_decline(self, message: Decline) -> None:
-        event = sched.LeasesDeclined(
+        event = ev.LeasesDeclined(
             self._id, tuple(message.leases), message.reason[:500], self.runtime.now()
         )
         self.runtime.submit(event)
@@ -237,7 +237,7 @@ class NodeSession:
             message.reason,
         )
         reason = f"node {self.node_id} refused bundle {message.digest[:12]}: {message.reason[:500]}"
-        event = sched.BundleRefused(
+        event = ev.BundleRefused(
             self._id, message.digest, reason, tuple(message.leases), self.runtime.now()
         )
         self.runtime.submit(event)
@@ -292,7 +292,7 @@ class NodeSession:
             self.send(UploadAck(lease=message.lease, name=missing.name, received=held))
             return
         error = message.error[-4000:] if message.error else message.error
-        event = sched.ResultReceived(
+        event = ev.ResultReceived(
             self._id,
             message.lease,
             message.ok,

@@ -43,6 +43,9 @@ from hub.changes import (
     TaskFinished,
     TaskUpdated,
 )
+from hub.events import (
+    ProjectInfo,
+)
 from hub.lifecycle import FINAL_STATES, TaskState
 from hub.models import (
     Base,
@@ -59,7 +62,11 @@ from hub.models import (
     TaskInput,
     Volunteer,
 )
-from hub.scheduler import LeaseRec, ProjectInfo, Snapshot, TaskRec
+from hub.scheduler import (
+    LeaseRec,
+    Snapshot,
+    TaskRec,
+)
 from issc.errors import StoreError, TaskFileError
 from issc.manifest import Manifest
 

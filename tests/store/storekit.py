@@ -9,9 +9,11 @@ from typing import Any
 from sqlalchemy import select
 
 from hub.changes import TaskFinished
+from hub.events import (
+    ProjectInfo,
+)
 from hub.lifecycle import TaskState
 from hub.models import Base, Lease, Task, Volunteer
-from hub.scheduler import ProjectInfo
 from hub.store import Store, TaskEntry
 from issc.manifest import Limits, Manifest
 

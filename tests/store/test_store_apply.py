@@ -21,9 +21,16 @@ from storekit import (
 )
 
 from hub.changes import Change, LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
+from hub.events import (
+    ProjectInfo,
+)
 from hub.lifecycle import TaskState
 from hub.models import Result
-from hub.scheduler import LeaseRec, ProjectInfo, Snapshot, TaskRec
+from hub.scheduler import (
+    LeaseRec,
+    Snapshot,
+    TaskRec,
+)
 from hub.store import Store
 from issc.errors import StoreError
 

@@ -183,9 +183,7 @@ def test_add_tasks_returns_keys_in_file_order(store: Store) -> None:
     assert project_id == info.id
     assert len(pks) == len(set(pks)) == 5
     payloads = store.offer_payloads(pks)
-    assert [payloads[pk] for pk in pks] == [
-        (tid, f'{{"n":{i}}}', []) for i, tid in enumerate(ids)
-    ]
+    assert [payloads[pk] for pk in pks] == [(tid, f'{{"n":{i}}}', []) for i, tid in enumerate(ids)]
     assert store.inbox_file("f" * 64) == ("batch.jsonl", "accepted")
     assert store.load_snapshot().waiting == {info.id: pks}
     row = task_row(store, pks[0])

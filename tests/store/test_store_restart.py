@@ -16,8 +16,7 @@ from sqlalchemy import func, select
 from storekit import OTHER_OWNER, T0, add, register, task_row
 
 from hub.changes import LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
-from hub.models import Lease, Result, Volunteer
-from hub.scheduler import (
+from hub.events import (
     BundleRefused,
     Disconnect,
     Event,
@@ -28,13 +27,16 @@ from hub.scheduler import (
     NodeLeft,
     OffersAccepted,
     ResultReceived,
-    Scheduler,
     SendOffers,
     SendWelcome,
-    Settings,
     SlotsFree,
     TasksAdded,
     Tick,
+)
+from hub.models import Lease, Result, Volunteer
+from hub.scheduler import (
+    Scheduler,
+    Settings,
 )
 from hub.store import Store
 

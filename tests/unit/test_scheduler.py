@@ -7,13 +7,11 @@ from typing import Any
 import pytest
 
 from hub.changes import LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
-from hub.lifecycle import IllegalTransition, TaskEvent, TaskState, next_state
-from hub.scheduler import (
+from hub.events import (
     BundleRefused,
     Disconnect,
     HeartbeatReceived,
     Instruction,
-    LeaseRec,
     LeasesDeclined,
     NodeJoined,
     NodeLeft,
@@ -21,17 +19,21 @@ from hub.scheduler import (
     ProjectInfo,
     ProjectUpdated,
     ResultReceived,
-    Scheduler,
     SendCancel,
     SendOffers,
     SendResultAck,
     SendWelcome,
-    Settings,
     SlotsFree,
-    Snapshot,
-    TaskRec,
     TasksAdded,
     Tick,
+)
+from hub.lifecycle import IllegalTransition, TaskEvent, TaskState, next_state
+from hub.scheduler import (
+    LeaseRec,
+    Scheduler,
+    Settings,
+    Snapshot,
+    TaskRec,
 )
 
 SETTINGS = Settings(max_attempts=3, offer_timeout=10.0, lease_window=6.0)
