@@ -1,0 +1,151 @@
+"""Database plumbing shared by the store's parts: tables, the engine, shared SQL helpers.
+
+Nothing here knows the hub's rules. ``Store`` (hub/store.py) is built from one part
+per concern (hub/store_*.py); each part reaches the database through ``engine``,
+declared once on ``StoreBase``, and these helpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import (
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+    make_url,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import QueuePool, StaticPool
+
+from hub.events import ProjectInfo
+from hub.models import (
+    Base,
+    Blob,
+    Bundle,
+    InboxFile,
+    Lease,
+    Node,
+    OutboxFile,
+    Output,
+    Project,
+    Result,
+    Task,
+    TaskInput,
+    Volunteer,
+)
+from issc.errors import StoreError
+
+T = TypeVar("T")
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+PROJECTS, BUNDLES, VOLUNTEERS, NODES = map(_table, (Project, Bundle, Volunteer, Node))
+TASKS, LEASES, RESULTS = map(_table, (Task, Lease, Result))
+INBOX_FILES, OUTBOX_FILES = map(_table, (InboxFile, OutboxFile))
+BLOBS, TASK_INPUTS, OUTPUTS = map(_table, (Blob, TaskInput, Output))
+CHUNK = 500  # rows per IN (...) query, well under every database's parameter limit
+
+
+def iso_time(stamp: float | None) -> str | None:
+    """UNIX seconds as ISO 8601 UTC, the form results.jsonl and issc-ctl --json use."""
+    if stamp is None:
+        return None
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def update_by_id(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    """``UPDATE table SET ... WHERE id = :id`` for every row, as one executemany.
+
+    Every row must have the same keys: ``id`` and the columns to set.
+    """
+    if not rows:
+        return
+    columns = [key for key in rows[0] if key != "id"]
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values({column: bindparam(f"b_{column}") for column in columns})
+    )
+    conn.execute(statement, [{f"b_{key}": value for key, value in row.items()} for row in rows])
+
+
+def insert_blobs(conn: Any, sizes: dict[str, int], now: float) -> None:
+    """Add a ``blobs`` row for each digest that has none yet."""
+    known: set[str] = set()
+    for chunk in chunks(list(sizes)):
+        known.update(conn.execute(select(Blob.sha256).where(Blob.sha256.in_(chunk))).scalars())
+    new = [
+        {"sha256": sha, "size": size, "created_at": now}
+        for sha, size in sizes.items()
+        if sha not in known
+    ]
+    if new:
+        conn.execute(insert(BLOBS), new)
+
+
+def project_info(row: Any) -> ProjectInfo:
+    return ProjectInfo(
+        id=row.id,
+        name=row.name,
+        version=row.version,
+        digest=row.digest,
+        size=row.size,
+        paused=bool(row.paused),
+        quorum=row.quorum,
+        output_mb=row.output_mb,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and full sync. Raises StoreError."""
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            # An in-memory database lives and dies with its one connection: every thread
+            # must share that connection (StaticPool), or each sees an empty database.
+            in_memory = parsed.database in (None, "", ":memory:") or (
+                parsed.query.get("mode") == "memory"
+            )
+            engine = create_engine(
+                url,
+                # One thread uses the store, so a file database keeps one pooled connection
+                # (QueuePool) instead of opening one, with its PRAGMAs, per call.
+                poolclass=StaticPool if in_memory else QueuePool,
+                connect_args={"check_same_thread": False},
+            )
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise StoreError(f"cannot open database {url!r}: {exc}") from None
+
+
+class StoreBase:
+    """What every part of ``Store`` relies on: ``engine``, set by ``Store.__init__``."""
+
+    engine: Engine

@@ -1,0 +1,149 @@
+"""Tasks coming in: inbox file records, task insertion, and the payloads offers carry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from hub.changes import FileInfo
+from hub.db import INBOX_FILES, TASK_INPUTS, TASKS, StoreBase, chunks, insert_blobs
+from hub.models import Blob, InboxFile, Project, Task, TaskInput
+from issc.errors import StoreError, TaskFileError
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEntry:
+    """One task from an inbox file, validated; ``line`` is where it starts (1-based)."""
+
+    task_id: str
+    input_json: str
+    line: int
+    file_paths: tuple[tuple[str, str], ...] = ()  # (NAME, PATH) as written in the task file
+    files: tuple[FileInfo, ...] = ()  # the same files once they are in the content store
+
+
+def _insert_task_inputs(
+    conn: Any, entries: Sequence[TaskEntry], pks: Sequence[int], now: float
+) -> None:
+    """Record the input files of new tasks, and each new content once in ``blobs``."""
+    rows = [
+        {"task_id": pk, "name": f.name, "sha256": f.sha256}
+        for entry, pk in zip(entries, pks, strict=True)
+        for f in entry.files
+    ]
+    if not rows:
+        return
+    insert_blobs(conn, {f.sha256: f.size for entry in entries for f in entry.files}, now)
+    conn.execute(insert(TASK_INPUTS), rows)
+
+
+class InboxStore(StoreBase):
+    """Part of ``Store``: what the inbox reads in and what offers send out."""
+
+    def inbox_file(self, sha256: str) -> tuple[str, str] | None:
+        """(name, outcome) of an inbox file already read with this content, if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(InboxFile.name, InboxFile.outcome).where(InboxFile.sha256 == sha256)
+            ).first()
+            return (row[0], row[1]) if row else None
+
+    def record_inbox_file(self, sha256: str, name: str, outcome: str, detail: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(INBOX_FILES).values(
+                    sha256=sha256, name=name, outcome=outcome, detail=detail, at=time.time()
+                )
+            )
+
+    def add_tasks(
+        self, project: str, entries: Sequence[TaskEntry], sha256: str, name: str, now: float
+    ) -> tuple[int, list[int]]:
+        """Insert a task file's tasks and record the file, atomically.
+
+        Returns (project id, task keys). Raises TaskFileError for an unknown project or
+        a task id the project already has (naming the id and its line).
+        """
+        task_t = TASKS
+        try:
+            with self.engine.begin() as conn:
+                project_id = conn.execute(
+                    select(Project.id).where(Project.name == project)
+                ).scalar()
+                if project_id is None:
+                    raise TaskFileError(
+                        f"unknown project {project!r}: drop its signed bundle (.issc) first"
+                    )
+                self._reject_existing_ids(conn, project_id, entries)
+                pks: list[int] = []
+                for chunk in chunks(entries, 5000):
+                    result = conn.execute(
+                        insert(task_t).returning(task_t.c.id, sort_by_parameter_order=True),
+                        [
+                            {
+                                "project_id": project_id,
+                                "name": e.task_id,
+                                "state": "NA",
+                                "input_json": e.input_json,
+                                "attempts": 0,
+                                "created_at": now,
+                                "exported": False,
+                                "source": sha256,
+                                "cpu_seconds": 0.0,
+                            }
+                            for e in chunk
+                        ],
+                    )
+                    pks.extend(row[0] for row in result)
+                _insert_task_inputs(conn, entries, pks, now)
+                conn.execute(
+                    insert(INBOX_FILES).values(
+                        sha256=sha256,
+                        name=name,
+                        outcome="accepted",
+                        detail=f"{len(entries)} tasks",
+                        at=now,
+                    )
+                )
+                return project_id, pks
+        except IntegrityError as exc:
+            raise StoreError(f"cannot add tasks: {exc.orig}") from None
+
+    def _reject_existing_ids(
+        self, conn: Any, project_id: int, entries: Sequence[TaskEntry]
+    ) -> None:
+        for chunk in chunks(entries):
+            by_id = {e.task_id: e for e in chunk}
+            taken = conn.execute(
+                select(Task.name).where(Task.project_id == project_id, Task.name.in_(list(by_id)))
+            ).scalars()
+            # Name the first one in the file, whatever order the database returns them in.
+            first = min((by_id[name] for name in taken), key=lambda e: e.line, default=None)
+            if first is not None:
+                raise TaskFileError(
+                    f"duplicate task id {first.task_id!r}: the project already has it", first.line
+                )
+
+    def offer_payloads(self, pks: Sequence[int]) -> dict[int, tuple[str, str, list[FileInfo]]]:
+        """task key -> (task id, input JSON, input files) for building offers."""
+        out: dict[int, tuple[str, str, list[FileInfo]]] = {}
+        with self.engine.connect() as conn:
+            for chunk in chunks(pks):
+                rows = conn.execute(
+                    select(Task.id, Task.name, Task.input_json).where(Task.id.in_(list(chunk)))
+                )
+                out.update((pk, (name, payload, [])) for pk, name, payload in rows)
+                files = conn.execute(
+                    select(TaskInput.task_id, TaskInput.name, TaskInput.sha256, Blob.size)
+                    .join(Blob, Blob.sha256 == TaskInput.sha256)
+                    .where(TaskInput.task_id.in_(list(chunk)))
+                    .order_by(TaskInput.task_id, TaskInput.name)
+                )
+                for pk, name, sha, size in files:
+                    out[pk][2].append(FileInfo(name, sha, size))
+        return out

@@ -1,0 +1,230 @@
+"""The scheduler's side of the store: the start-up snapshot and batches of changes.
+
+``apply`` writes a whole batch of scheduler changes in one transaction: durability
+costs one sync per batch, not one per task.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from hub.changes import Change, LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
+from hub.db import (
+    LEASES,
+    OUTPUTS,
+    PROJECTS,
+    RESULTS,
+    TASKS,
+    VOLUNTEERS,
+    StoreBase,
+    insert_blobs,
+    project_info,
+    update_by_id,
+)
+from hub.lifecycle import TaskState
+from hub.models import Lease, Node, Task, Volunteer
+from hub.scheduler import LeaseRec, Snapshot, TaskRec
+from issc.errors import StoreError
+
+
+class SchedulerStore(StoreBase):
+    """Part of ``Store``: what the scheduler starts from and what it changes."""
+
+    # ---- start-up -----------------------------------------------------------------
+
+    def load_snapshot(self) -> Snapshot:
+        """Everything the scheduler needs to carry on where the last run stopped."""
+        snap = Snapshot()
+        with self.engine.connect() as conn:
+            snap.projects = [project_info(r) for r in conn.execute(select(PROJECTS))]
+            # The scheduler puts retries at the front of a queue, the latest retry first, and
+            # new tasks at the back in order: a retry's place is where its last lease ended.
+            waiting_pks = select(Task.id).where(Task.state == TaskState.NA)
+            last = (
+                select(
+                    Lease.task_id,
+                    func.max(Lease.ended_at).label("ended_at"),
+                    func.max(Lease.id).label("lease_id"),
+                )
+                .where(Lease.task_id.in_(waiting_pks))
+                .group_by(Lease.task_id)
+                .subquery()
+            )
+            waiting = conn.execute(
+                select(Task.id, Task.project_id)
+                .outerjoin(last, last.c.task_id == Task.id)
+                .where(Task.state == TaskState.NA)
+                .order_by(
+                    last.c.lease_id.is_(None),
+                    last.c.ended_at.desc(),
+                    last.c.lease_id.desc(),
+                    Task.id,
+                )
+            )
+            for pk, project_id in waiting:
+                snap.waiting.setdefault(project_id, []).append(pk)
+            live = conn.execute(
+                select(Lease.id, Lease.task_id, Lease.node_id, Lease.accepted_at, Lease.offered_at)
+                .where(Lease.ended_at.is_(None))
+                .order_by(Lease.id)  # offers expire in the order they were made
+            ).all()
+            snap.leases = [LeaseRec(r[0], r[1], r[2], r[3] is not None, r[4]) for r in live]
+            # Unfinished tasks that have had leases carry attempts and history.
+            unfinished = select(Task.id).where(Task.state.in_(["NA", "TA", "A"]))
+            rows = conn.execute(
+                select(Task.id, Task.project_id, Task.state, Task.attempts, Task.lease_id).where(
+                    Task.id.in_(unfinished), Task.id.in_(select(Lease.task_id))
+                )
+            ).all()
+            tasks = {r[0]: TaskRec(r[0], r[1], TaskState(r[2]), r[3], 0, r[4]) for r in rows}
+            past = conn.execute(
+                select(
+                    Lease.id,
+                    Lease.task_id,
+                    Lease.node_id,
+                    Lease.accepted_at,
+                    Lease.offered_at,
+                    Lease.outcome,
+                )
+                .where(Lease.ended_at.is_not(None), Lease.task_id.in_(unfinished))
+                .order_by(Lease.id)
+            ).all()
+            for lease_id, task_pk, node_id, accepted_at, offered_at, outcome in past:
+                task = tasks.get(task_pk)
+                if task is None:
+                    continue
+                accepted = accepted_at is not None
+                snap.past_leases.append(LeaseRec(lease_id, task_pk, node_id, accepted, offered_at))
+                task.past_leases.append(lease_id)
+                if outcome == "code_error":
+                    task.code_errors += 1
+            snap.tasks = list(tasks.values())
+            nodes = conn.execute(select(Node.id, Volunteer.name).join(Volunteer)).all()
+            snap.node_volunteers = {node_id: name for node_id, name in nodes}
+            max_lease = conn.execute(select(func.max(Lease.id))).scalar()
+            snap.next_lease_id = (max_lease or 0) + 1
+        return snap
+
+    # ---- scheduler changes ------------------------------------------------------------
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        """Write one batch of scheduler changes in one transaction.
+
+        Within a batch, lease inserts come first and task rows are updated in the order
+        the scheduler changed them, so the last change of a row wins.
+        """
+        try:
+            with self.engine.begin() as conn:
+                offered = [
+                    {"id": c.lease, "task_id": c.task_pk, "node_id": c.node_id, "offered_at": c.at}
+                    for c in changes
+                    if isinstance(c, LeaseOffered)
+                ]
+                if offered:
+                    conn.execute(insert(LEASES), offered)
+                update_by_id(
+                    conn,
+                    LEASES,
+                    [
+                        {"id": c.lease, "accepted_at": c.at}
+                        for c in changes
+                        if isinstance(c, LeaseAccepted)
+                    ],
+                )
+                update_by_id(
+                    conn,
+                    LEASES,
+                    [
+                        {"id": c.lease, "ended_at": c.at, "outcome": c.outcome, "detail": c.detail}
+                        for c in changes
+                        if isinstance(c, LeaseEnded)
+                    ],
+                )
+                update_by_id(
+                    conn,
+                    TASKS,
+                    [
+                        {
+                            "id": c.task_pk,
+                            "state": str(c.state),
+                            "attempts": c.attempts,
+                            "lease_id": c.lease,
+                            "node_id": c.node_id,
+                        }
+                        for c in changes
+                        if isinstance(c, TaskUpdated)
+                    ],
+                )
+                finished = [c for c in changes if isinstance(c, TaskFinished)]
+                if finished:
+                    self._write_finished(conn, finished)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot commit a batch of {len(changes)} changes: {exc}") from None
+
+    def _write_finished(self, conn: Any, finished: list[TaskFinished]) -> None:
+        update_by_id(
+            conn,
+            TASKS,
+            [
+                {
+                    "id": c.task_pk,
+                    "state": str(c.state),
+                    "attempts": c.attempts,
+                    "lease_id": c.lease,
+                    "node_id": c.node_id,
+                    "volunteer": c.volunteer,
+                    "error": c.error,
+                    "cpu_seconds": c.cpu_seconds,
+                    "finished_at": c.at,
+                }
+                for c in finished
+            ],
+        )
+        completed = [c for c in finished if c.state is TaskState.C and c.lease is not None]
+        outputs = [
+            {"lease_id": c.lease, "name": f.name, "sha256": f.sha256, "size": f.size}
+            for c in completed
+            for f in c.files
+        ]
+        if outputs:
+            insert_blobs(
+                conn, {f.sha256: f.size for c in completed for f in c.files}, completed[0].at
+            )
+            conn.execute(insert(OUTPUTS), outputs)
+        if completed:
+            conn.execute(
+                insert(RESULTS),
+                [
+                    {
+                        "lease_id": c.lease,
+                        "task_id": c.task_pk,
+                        "ok": True,
+                        "result_json": json.dumps(c.result),
+                        "error": None,
+                        "cpu_seconds": c.cpu_seconds,
+                        "wall_seconds": c.wall_seconds,
+                        "received_at": c.at,
+                    }
+                    for c in completed
+                ],
+            )
+            credit: dict[str, tuple[int, float]] = {}
+            for c in completed:
+                if c.volunteer:
+                    n, cpu = credit.get(c.volunteer, (0, 0.0))
+                    credit[c.volunteer] = (n + 1, cpu + c.cpu_seconds)
+            if credit:
+                conn.execute(
+                    update(VOLUNTEERS)
+                    .where(VOLUNTEERS.c.name == bindparam("b_name"))
+                    .values(
+                        tasks_completed=VOLUNTEERS.c.tasks_completed + bindparam("b_n"),
+                        credit=VOLUNTEERS.c.credit + bindparam("b_cpu"),
+                    ),
+                    [{"b_name": k, "b_n": n, "b_cpu": cpu} for k, (n, cpu) in credit.items()],
+                )
