@@ -215,7 +215,7 @@ class ProcessExecutor:
             if returncode != 0:
                 tail = _tail(streams.stderr, STDERR_TAIL_BYTES)
                 reason = with_stderr(describe_exit(returncode, request.limits), tail)
-                return failure(reason, cpu, wall)
+                return await with_outputs(failure(reason, cpu, wall), scratch, request)
             result, error = await asyncio.to_thread(
                 _collect_result, scratch, streams.stdout, request.limits
             )

@@ -16,7 +16,13 @@ from typing import Any, Protocol
 
 from issc.errors import ExecutionError
 from issc.manifest import Limits
-from node.taskfiles import OutputFile, collect_outputs, reset_task_dirs, stage_inputs
+from node.taskfiles import (
+    OutputFile,
+    collect_outputs,
+    output_limit_reached,
+    reset_task_dirs,
+    stage_inputs,
+)
 
 CANCELLED = "cancelled"
 
@@ -121,10 +127,17 @@ async def stage_task_files(scratch: Path, request: RunRequest, *, reset: bool) -
 
 async def with_outputs(outcome: RunOutcome, scratch: Path, request: RunRequest) -> RunOutcome:
     """A successful outcome with the files of ``<scratch>/out/`` moved to the request's
-    ``output_dir``, or a failure saying why they break the rules. Failures, and requests
-    without ``output_dir``, come back unchanged."""
-    if not outcome.ok or request.output_dir is None:
+    ``output_dir``, or a failure saying why they break the rules. A failure comes back
+    with its error prefixed by the output_mb limit where ``out/`` shows the run reached it
+    (``output_limit_reached``); requests without ``output_dir`` come back unchanged."""
+    if request.output_dir is None:
         return outcome
+    if not outcome.ok:
+        limits = request.limits
+        note = await asyncio.to_thread(output_limit_reached, scratch, limits.output_mb)
+        if note is None:
+            return outcome
+        return replace(outcome, error=f"{note}; {outcome.error}" if outcome.error else note)
     cpu, wall = outcome.cpu_seconds, outcome.wall_seconds
     try:
         files = await asyncio.to_thread(

@@ -118,6 +118,30 @@ def collect_outputs(scratch: Path, dest: Path, output_mb: int) -> tuple[OutputFi
     return files
 
 
+def output_limit_reached(scratch: Path, output_mb: int) -> str | None:
+    """Why a failed run's ``out/`` says it ran into ``limits.output_mb``, or None.
+
+    The sandbox caps each file a task writes at ``output_mb`` MiB (RLIMIT_FSIZE), so a
+    write past it fails: most runtimes (Python among them) ignore SIGXFSZ and see EFBIG,
+    "File too large", which names no limit. A file in ``out/`` that reached the cap, or
+    files over it together, tell what happened. Never raises.
+    """
+    limit = output_mb * MIB
+    total = 0
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.scandir(scratch / OUT_DIR), key=lambda e: e.name):
+            with contextlib.suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                if info.st_size >= limit:
+                    return f"out/{entry.name[:200]} reached the output_mb limit of {output_mb} MiB"
+                total += info.st_size
+    if total > limit:
+        return f"output files total {total} bytes, over the output_mb limit of {output_mb} MiB"
+    return None
+
+
 def _copy_out(source: Path, target: Path, size: int) -> OutputFile:
     """Copy at most ``size`` bytes (what was checked) of a regular file, hashing them.
 

@@ -217,6 +217,20 @@ async def test_outputs_over_output_mb_together_fail_the_task(
     assert not spool.exists()
 
 
+async def test_one_output_file_over_output_mb_fails_naming_the_limit(
+    tmp_path: Path, process: ProcessExecutor
+) -> None:
+    # RLIMIT_FSIZE stops the write at 1 MiB; Python ignores SIGXFSZ and dies of EFBIG
+    # ("File too large"), so the node names the limit from what out/ holds.
+    spool = tmp_path / "spool" / "1.out"
+    spec = {"big": {"a.bin": 2 * MIB}}
+    outcome = await process.run(request(bundle(tmp_path, PROCESS_MAIN), spec, output_dir=spool))
+    error = failed(outcome)
+    assert error.startswith("out/a.bin reached the output_mb limit of 1 MiB; exit status 1"), error
+    assert "File too large" in error
+    assert not spool.exists()
+
+
 async def test_a_symlink_in_out_fails_the_task_and_is_not_followed(
     tmp_path: Path, process: ProcessExecutor
 ) -> None:
@@ -347,6 +361,16 @@ async def test_persistent_outputs_over_the_limit_fail_but_keep_the_worker(
     )
     assert after.ok, after.error
     assert after.result["stale_out"] == []
+
+
+async def test_persistent_one_output_file_over_output_mb_names_the_limit(
+    tmp_path: Path, persistent: PersistentExecutor
+) -> None:
+    main = bundle(tmp_path, PERSISTENT_MAIN)
+    spool = tmp_path / "spool" / "1.out"
+    outcome = await persistent.run(request(main, {"big": {"a.bin": 2 * MIB}}, output_dir=spool))
+    assert failed(outcome).startswith("out/a.bin reached the output_mb limit of 1 MiB; ")
+    assert not spool.exists()
 
 
 async def test_persistent_out_is_emptied_before_each_task_too(
