@@ -37,6 +37,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/store_commit.py
+	$(BIN)/python bench/transfer.py
 
 clean:
 	rm -rf $(VENV) demo-run *.egg-info .pytest_cache .mypy_cache .ruff_cache
