@@ -30,6 +30,7 @@ from hub.models import (
     Base,
     Blob,
     Bundle,
+    EnrollmentToken,
     InboxFile,
     Lease,
     Node,
@@ -54,6 +55,7 @@ PROJECTS, BUNDLES, VOLUNTEERS, NODES = map(_table, (Project, Bundle, Volunteer, 
 TASKS, LEASES, RESULTS = map(_table, (Task, Lease, Result))
 INBOX_FILES, OUTBOX_FILES = map(_table, (InboxFile, OutboxFile))
 BLOBS, TASK_INPUTS, OUTPUTS = map(_table, (Blob, TaskInput, Output))
+ENROLLMENT_TOKENS = _table(EnrollmentToken)
 CHUNK = 500  # rows per IN (...) query, well under every database's parameter limit
 
 

@@ -58,6 +58,21 @@ class Volunteer(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class EnrollmentToken(Base):
+    """A one-time token that lets one node of a volunteer enroll under closed registration.
+
+    Only the SHA-256 of the token is kept; the token itself is shown once, by
+    ``issc-ctl volunteer add``.
+    """
+
+    __tablename__ = "enrollment_tokens"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    volunteer_id: Mapped[int] = mapped_column(ForeignKey("volunteers.id"), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    used_by: Mapped[str | None] = mapped_column(String(32), nullable=True)  # node id
+
+
 class Node(Base):
     __tablename__ = "nodes"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

@@ -7,11 +7,24 @@ import secrets
 
 from sqlalchemy import insert, select, update
 
-from hub.db import BUNDLES, NODES, PROJECTS, VOLUNTEERS, StoreBase, project_info
+from hub.db import (
+    BUNDLES,
+    ENROLLMENT_TOKENS,
+    NODES,
+    PROJECTS,
+    VOLUNTEERS,
+    StoreBase,
+    project_info,
+)
 from hub.events import ProjectInfo
 from hub.models import Bundle, Node, Project, Volunteer
 from issc.errors import StoreError
 from issc.manifest import Manifest
+
+
+def hash_token(token: str) -> str:
+    """The stored form of an enrollment token."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _hash_secret(secret: str) -> str:
@@ -138,3 +151,24 @@ class EnrollmentStore(StoreBase):
                 )
             )
             return new_id, secret
+
+    def issue_token(self, volunteer: str, now: float) -> str:
+        """A new one-time enrollment token for ``volunteer`` (created if new).
+
+        Only the token's SHA-256 is stored; the token is returned once, to be printed.
+        """
+        token = "issc-" + secrets.token_urlsafe(24)
+        with self.engine.begin() as conn:
+            vol_id = conn.execute(select(Volunteer.id).where(Volunteer.name == volunteer)).scalar()
+            if vol_id is None:
+                vol_id = conn.execute(
+                    insert(VOLUNTEERS).values(
+                        name=volunteer, credit=0.0, tasks_completed=0, created_at=now
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+            conn.execute(
+                insert(ENROLLMENT_TOKENS).values(
+                    token_hash=hash_token(token), volunteer_id=vol_id, created_at=now
+                )
+            )
+        return token
