@@ -111,6 +111,7 @@ def project_info(row: Any) -> ProjectInfo:
         paused=bool(row.paused),
         quorum=row.quorum,
         output_mb=row.output_mb,
+        wall_seconds=row.wall_seconds,
     )
 
 

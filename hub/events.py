@@ -23,6 +23,7 @@ class ProjectInfo:
     paused: bool = False
     quorum: int = 1
     output_mb: int = 64  # the bundle's limits.output_mb: a cap on uploads for its tasks
+    wall_seconds: float = 600.0  # limits.wall_seconds: also caps the CPU time credited
 
 
 # ---- events -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class Project(Base):
     mode: Mapped[str] = mapped_column(String(16))
     quorum: Mapped[int] = mapped_column(Integer, default=1)
     output_mb: Mapped[int] = mapped_column(Integer, default=64)  # limits.output_mb
+    wall_seconds: Mapped[float] = mapped_column(Float, default=600.0)  # limits.wall_seconds
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
 

@@ -450,7 +450,7 @@ class Scheduler:
                 volunteer=node.volunteer if node else None,
                 result=result.result if result and result.ok else None,
                 error=error,
-                cpu_seconds=result.cpu_seconds if result else 0.0,
+                cpu_seconds=self._credited_cpu(task, result),
                 wall_seconds=result.wall_seconds if result else 0.0,
                 at=now,
                 files=result.files if result and result.ok else (),
@@ -459,6 +459,17 @@ class Scheduler:
         for lease_id in task.past_leases:
             self.past_leases.pop(lease_id, None)
         del self.tasks[task.pk]
+
+    def _credited_cpu(self, task: TaskRec, result: ResultReceived | None) -> float:
+        """The CPU seconds a result claims, capped by its project's wall-time limit.
+
+        Credit follows these seconds, and a node's word is all the hub has: no run can
+        have used more CPU than its limit allowed, so a claim beyond it is cut there.
+        """
+        if result is None:
+            return 0.0
+        limit = self.projects[task.project_id].wall_seconds
+        return min(result.cpu_seconds, limit)
 
     def _ack(self, event: ResultReceived, accepted: bool, reason: str | None) -> None:
         self._out.append(SendResultAck(event.node_id, event.lease, accepted, reason))

@@ -66,6 +66,7 @@ class EnrollmentStore(StoreBase):
                 "mode": manifest.mode,
                 "quorum": manifest.quorum,
                 "output_mb": manifest.limits.output_mb,
+                "wall_seconds": manifest.limits.wall_seconds,
             }
             if row is None:
                 project_id = conn.execute(

@@ -397,3 +397,15 @@ def test_restored_lease_is_released_if_its_node_does_not_return_in_the_window() 
     s.handle(NodeJoined("n2", "bob", ("primes",), (), 110.0))
     leases = offered(s.handle(SlotsFree("n2", 2, 110.0)))
     assert leases == [6, 7]  # lease ids continue after the restored ones
+
+
+def test_credited_cpu_is_capped_by_the_projects_wall_limit() -> None:
+    w = World(tasks=2)
+    w.handle(ProjectUpdated(ProjectInfo(1, "primes", 1, "d1", 100, wall_seconds=30.0)))
+    w.join("n1")
+    first, second = offered(w.ready("n1", 2))
+    w.accept("n1", first, second)
+    honest = w.handle(ResultReceived("n1", first, True, 1, None, 12.5, 13.0, w.now))
+    greedy = w.handle(ResultReceived("n1", second, True, 1, None, 86_400.0, 1.0, w.now))
+    assert of(TaskFinished, honest)[0].cpu_seconds == 12.5
+    assert of(TaskFinished, greedy)[0].cpu_seconds == 30.0  # a day claimed, the limit credited
