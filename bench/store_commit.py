@@ -29,13 +29,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from hub.changes import Change, LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished
 from hub.lifecycle import TaskState
 from hub.models import Base
 from hub.store import Store, TaskEntry
+from issc.keys import public_key_string
 from issc.manifest import Limits, Manifest
+from issc.nodeauth import node_id_for
 
-NODE = "n-00000001"
+# A fixed node key (32 bytes of 1 as the private key); the node id follows from it.
+NODE_KEY = public_key_string(Ed25519PrivateKey.from_private_bytes(b"\x01" * 32).public_key())
+NODE = node_id_for(NODE_KEY)
 
 
 @contextmanager
@@ -55,7 +61,7 @@ def prepared_store(url: str, n: int) -> Iterator[tuple[Store, list[int]]]:
         owner_key="ed25519:" + "A" * 43 + "=",
     )
     store.register_bundle(manifest, hashlib.sha256(b"b").hexdigest(), b"b", 0.0)
-    store.enroll_node("alice", NODE, None, True, "127.0.0.1:1", 4, 0.0)
+    store.enroll_node("alice", NODE_KEY, None, True, "127.0.0.1:1", 4, 0.0)
     entries = [TaskEntry(f"t{i}", json.dumps({"n": i}), i + 1) for i in range(n)]
     _, pks = store.add_tasks("bench", entries, "0" * 64, "bench.jsonl", 0.0)
     setup: list[Change] = []

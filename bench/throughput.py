@@ -199,7 +199,9 @@ class IsscCluster:
         return done.stdout.strip()
 
     def start(self) -> None:
-        self.inbox.mkdir(parents=True)
+        # The hub's data dir holds its control socket: not writable by group or others.
+        self.hub_dir.mkdir(mode=0o755, parents=True)
+        self.inbox.mkdir()
         self.public_key = self.tool("keygen", "--out", "owner.key").split()[-1]
         for mode, (name, entry, source) in MODES.items():
             project = self.work / name

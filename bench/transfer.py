@@ -154,7 +154,9 @@ class Cluster:
         return done.stdout.strip()
 
     def start_hub(self) -> None:
-        self.inbox.mkdir(parents=True)
+        # The hub's data dir holds its control socket: not writable by group or others.
+        self.hub_dir.mkdir(mode=0o755, parents=True)
+        self.inbox.mkdir()
         self.public_key = self.tool("keygen", "--out", "owner.key").split()[-1]
         (self.work / "hub.yaml").write_text(
             "listen: 127.0.0.1:0\ndata_dir: ./hub\nheartbeat_interval: 1\n", encoding="utf-8"
@@ -544,6 +546,17 @@ class WireFigure:
         )
 
 
+def node_id_of(data_dir: Path) -> str:
+    """The id of the node that runs from ``data_dir`` (it follows from the node's key)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from node.identity import node_id_in
+
+    node_id = node_id_in(data_dir)
+    if node_id is None:
+        raise BenchError(f"{data_dir}: no node key")
+    return node_id
+
+
 def part_two(work: Path, tasks: int, shared_mb: float, nodes: int, timeout: float) -> WireFigure:
     cluster = Cluster(work, timeout)
     proxies: list[CountingProxy] = []
@@ -555,7 +568,7 @@ def part_two(work: Path, tasks: int, shared_mb: float, nodes: int, timeout: floa
             proxy = CountingProxy(cluster.address)
             proxies.append(proxy)
             node_dir = cluster.start_node(f"node-{i}", ["shared"], hub=proxy.start())
-            node_ids.append(node_dir / "identity.json")
+            node_ids.append(node_dir)
         cluster.wait(
             lambda: cluster.control("status")["nodes"]["connected"] == nodes, f"{nodes} nodes"
         )
@@ -576,7 +589,7 @@ def part_two(work: Path, tasks: int, shared_mb: float, nodes: int, timeout: floa
         if bad or len(results) != tasks:
             raise BenchError(f"shared: {len(bad)} bad results of {len(results)}: {bad[:3]}")
         transfers = cluster.control("status")["transfers"]
-        ids = [json.loads(p.read_text())["node_id"] for p in node_ids]
+        ids = [node_id_of(node_dir) for node_dir in node_ids]
         per_node = [sum(1 for r in results if r["node"] == node_id) for node_id in ids]
         return WireFigure(
             tasks=tasks,

@@ -58,7 +58,9 @@ def progress_bar(done: int, total: int, width: int = 30) -> str:
 
 def main() -> int:
     shutil.rmtree(RUN, ignore_errors=True)
-    (RUN / "hub" / "inbox").mkdir(parents=True)
+    # The hub's data dir holds its control socket: not writable by group or others.
+    (RUN / "hub").mkdir(mode=0o755, parents=True)
+    (RUN / "hub" / "inbox").mkdir()
     processes: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     try:

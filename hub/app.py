@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from hub.blobs import ContentStore
-from hub.control import ControlServer
+from hub.control import ControlServer, check_socket_path
 from hub.inbox import Inbox
 from hub.outbox import Outbox
 from hub.runtime import HubRuntime
@@ -44,7 +44,9 @@ class Hub:
         config = self.config
         if config.tls is not None:
             raise ConfigError("tls: not supported by this version of issc-hub yet")
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        # Not writable by group or others: the control socket may live here.
+        config.data_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        check_socket_path(config.control_socket_path)  # refuse before anything starts
         store = Store(config.database_url)
         await asyncio.to_thread(store.create_schema)
         snapshot = await asyncio.to_thread(store.load_snapshot)

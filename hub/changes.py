@@ -56,7 +56,7 @@ class TaskUpdated:
 
 @dataclass(frozen=True, slots=True)
 class TaskFinished:
-    """A task reached C or F: its row and its result are written together."""
+    """A task reached C, F or X: its row and its result are written together."""
 
     task_pk: int
     state: TaskState
@@ -72,7 +72,17 @@ class TaskFinished:
     files: tuple[FileInfo, ...] = ()  # output files of the accepted result
 
 
-Change = LeaseOffered | LeaseAccepted | LeaseEnded | TaskUpdated | TaskFinished
+@dataclass(frozen=True, slots=True)
+class ProjectPauseChanged:
+    """An admin paused or resumed a project: its row's ``paused`` flag."""
+
+    project_id: int
+    paused: bool
+
+
+Change = (
+    LeaseOffered | LeaseAccepted | LeaseEnded | TaskUpdated | TaskFinished | ProjectPauseChanged
+)
 
 
 class LeaseOutcome:
@@ -85,3 +95,4 @@ class LeaseOutcome:
     REFUSED = "bundle_refused"
     LOST = "lost"
     SUPERSEDED = "superseded"
+    CANCELLED = "cancelled"  # the project was cancelled by an admin

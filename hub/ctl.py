@@ -10,34 +10,44 @@ The wire is the control server's (hub/control.py): one JSON request line
 document and nothing else; without it the data is shown as aligned tables.
 
 Wire names: ``status``, ``nodes``, ``projects``, ``tasks`` {project, state?}, ``task``
-{project, id} and, for hubs that offer them, ``volunteers``, ``volunteer_add`` /
-``volunteer_export`` {volunteer}, ``project_pause`` / ``project_resume`` /
-``project_cancel`` {project}, and ``watch``. A hub that answers ``unknown command``
-gets "not available in this version of the hub" and exit status 2.
+{project, id}, ``volunteers``, ``volunteer_add`` / ``volunteer_export`` {volunteer},
+``project_pause`` / ``project_resume`` / ``project_cancel`` {project}, and ``watch`` (one
+snapshot; ``issc-ctl watch`` asks for one about once a second and redraws, and
+``issc-ctl --json watch`` prints a single snapshot and exits). A hub that answers
+``unknown command`` gets "not available in this version of the hub" and exit status 2.
 
 Exit status: 0 success; 1 the hub answered with an error (an unknown project, say);
 2 a usage or config error, or a command this hub does not offer; 3 the hub could not be
 reached or sent a reply that is not understood (no socket, permission denied, timeout).
+``watch`` ends with status 0 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from issc.config import load_hub_config
 from issc.errors import ConfigError, IsscError
 
 PROG = "issc-ctl"
 TIMEOUT = 5.0
+# Changes wait for the hub's commit (cancelling a big project writes every task), and an
+# export may be long: these get more time before issc-ctl gives up on the reply.
+LONG_TIMEOUT = 120.0
+WATCH_INTERVAL = 1.0
+BAR_WIDTH = 24
 DEFAULT_SOCKET = Path("issc-data") / "control.sock"
 STATES = ("NA", "TA", "A", "C", "F", "X")
 # A reply is one line; the bound only guards against a runaway peer (a task list of
@@ -99,7 +109,9 @@ def request(
         sock.settimeout(timeout)
         _connect(sock, path, timeout)
         try:
-            sock.sendall(line)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # A hub that refuses us may answer and close before reading it all: read on.
+                sock.sendall(line)
             with sock.makefile("rb") as stream:
                 raw = stream.readline(MAX_REPLY + 1)
         except TimeoutError:
@@ -168,6 +180,11 @@ def _parse_reply(raw: bytes, path: str, command: str) -> Any:
     error = str(reply.get("error") or "the hub gave no reason")
     if error.startswith("unknown command"):
         raise UnknownCommandReply(error)
+    if error.startswith("permission denied"):
+        raise HubUnreachable(
+            f"the hub at {path} refused the connection: {error}; "
+            "run issc-ctl as the user that runs issc-hub (or as root)"
+        )
     raise HubErrorReply(error)
 
 
@@ -298,8 +315,8 @@ def show_task(data: Any, ns: argparse.Namespace) -> str:
         lines.append(f"error: {_cell(data['error'])}")
     rows = [
         (
-            h["id"],
-            h["node_id"],
+            h["lease"],
+            h["node"],
             _when(h["offered_at"]),
             _when(h["accepted_at"]),
             _when(h["ended_at"]),
@@ -321,15 +338,26 @@ def _when(stamp: Any) -> str:
 def show_volunteers(data: Any, ns: argparse.Namespace) -> str:
     if not data:
         return "no volunteers"
-    rows = [
-        (
+    headers = ["VOLUNTEER", "CREDIT", "TASKS COMPLETED"]
+    extras = [
+        (key, title)
+        for key, title in (("nodes", "NODES"), ("connected", "CONNECTED"), ("projects", "PROJECTS"))
+        if any(key in v for v in data)
+    ]
+    headers += [title for _, title in extras]
+    rows = []
+    for v in data:
+        row = [
             v["volunteer"],
             f"{v['credit']:.2f}" if isinstance(v["credit"], int | float) else v["credit"],
             v["tasks_completed"],
-        )
-        for v in data
-    ]
-    return table(("VOLUNTEER", "CREDIT", "TASKS COMPLETED"), rows, right={1, 2})
+        ]
+        for key, _ in extras:
+            value = v.get(key)
+            row.append(",".join(map(str, value)) or None if isinstance(value, list) else value)
+        rows.append(row)
+    right = {1, 2, *(i + 3 for i, (key, _) in enumerate(extras) if key != "projects")}
+    return table(headers, rows, right=right)
 
 
 def show_token(data: Any, ns: argparse.Namespace) -> str:
@@ -345,7 +373,112 @@ def show_json(data: Any, ns: argparse.Namespace) -> str:
 
 def show_project_action(data: Any, ns: argparse.Namespace) -> str:
     done = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}[ns.action]
-    return f"project {_cell(ns.name)} {done}"
+    text = f"project {_cell(ns.name)} {done}"
+    if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+        counts = data["tasks"]
+        text += ": " + "  ".join(f"{k} {_cell(counts.get(k, 0))}" for k in _state_keys(counts))
+    return text
+
+
+# ---- watch -----------------------------------------------------------------------------
+
+
+def _bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    filled = width * done // total if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def watch_frame(data: Any) -> list[str]:
+    """The lines of one ``watch`` screen: a header, then a progress bar per project."""
+    rate = data.get("tasks_per_second")
+    header = f"{_cell(data['nodes']['connected'])} nodes connected"
+    if isinstance(rate, int | float):
+        header += f", {rate:.1f} tasks/s"
+    if isinstance(data.get("at"), str):
+        header += f"  (hub time {_when(data['at'])}, Ctrl-C to stop)"
+    projects = data["projects"]
+    if not projects:
+        return [header, "no projects"]
+    rows = []
+    for p in projects:
+        counts = p["tasks"]
+        total = sum(int(counts.get(k, 0)) for k in _state_keys(counts))
+        c, f, x = (int(counts.get(k, 0)) for k in ("C", "F", "X"))
+        done = c + f + x
+        rows.append(
+            (
+                p["name"],
+                _bar(done, total),
+                f"{100 * done // total}%" if total else "-",
+                f"{done}/{total}",
+                c,
+                f,
+                x,
+                "paused" if p.get("paused") else "",
+            )
+        )
+    headers = ("PROJECT", "PROGRESS", "", "DONE", "C", "F", "X", "")
+    return [header, *table(headers, rows, right={2, 3, 4, 5, 6}).splitlines()]
+
+
+def watch_line(data: Any) -> str:
+    """One line per poll, for a log or a pipe: time, nodes, rate and each project."""
+    parts = [
+        _when(data.get("at")),
+        f"nodes {_cell(data['nodes']['connected'])}",
+    ]
+    rate = data.get("tasks_per_second")
+    if isinstance(rate, int | float):
+        parts.append(f"{rate:.1f} tasks/s")
+    for p in data["projects"]:
+        counts = p["tasks"]
+        total = sum(int(counts.get(k, 0)) for k in _state_keys(counts))
+        c, f, x = (int(counts.get(k, 0)) for k in ("C", "F", "X"))
+        paused = " paused" if p.get("paused") else ""
+        parts.append(f"{_cell(p['name'])} {c + f + x}/{total} (C {c} F {f} X {x}){paused}")
+    return "  ".join(parts)
+
+
+def watch(
+    path: Path,
+    out: TextIO,
+    *,
+    tty: bool,
+    polls: int | None = None,
+    interval: float = WATCH_INTERVAL,
+) -> None:
+    """Ask the hub for a ``watch`` snapshot about every ``interval`` seconds and show it.
+
+    On a terminal the screen is redrawn in place (ANSI cursor-up); elsewhere one line is
+    printed per poll. Runs until interrupted, or for ``polls`` rounds.
+
+    Raises:
+        CtlError: as ``request``, on the first poll that fails.
+    """
+    drawn = 0
+    if tty:
+        out.write("\x1b[?25l")  # hide the cursor while redrawing
+    try:
+        count = 0
+        while polls is None or count < polls:
+            started = time.monotonic()
+            data = request(path, "watch", timeout=TIMEOUT)
+            if tty:
+                width = max(20, shutil.get_terminal_size().columns - 1)
+                lines = [line[:width] for line in watch_frame(data)]
+                # Back to the top of the last frame, clear to the end, draw the new one.
+                out.write((f"\x1b[{drawn}F" if drawn else "") + "\x1b[J" + "\n".join(lines) + "\n")
+                drawn = len(lines)
+            else:
+                out.write(watch_line(data) + "\n")
+            out.flush()
+            count += 1
+            if polls is None or count < polls:
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    finally:
+        if tty:
+            out.write("\x1b[?25h")
+            out.flush()
 
 
 # ---- the command line ------------------------------------------------------------------
@@ -359,6 +492,7 @@ class Call:
     wire: str  # the control server's command name
     show: Callable[[Any, argparse.Namespace], str]
     args: dict[str, Any] = field(default_factory=dict)
+    long: bool = False  # a change or an export: wait LONG_TIMEOUT, not TIMEOUT, for the reply
 
 
 def call_of(ns: argparse.Namespace) -> Call:
@@ -372,10 +506,13 @@ def call_of(ns: argparse.Namespace) -> Call:
     if command == "task":
         return Call("task", "task", show_task, {"project": ns.project, "id": ns.id})
     if command == "volunteer":
-        # The server side of these commands arrives in a later hub version.
         show = show_token if ns.action == "add" else show_json
         return Call(
-            f"volunteer {ns.action}", f"volunteer_{ns.action}", show, {"volunteer": ns.name}
+            f"volunteer {ns.action}",
+            f"volunteer_{ns.action}",
+            show,
+            {"volunteer": ns.name},
+            long=True,
         )
     if command == "project":
         return Call(
@@ -383,6 +520,7 @@ def call_of(ns: argparse.Namespace) -> Call:
             f"project_{ns.action}",
             show_project_action,
             {"project": ns.name},
+            long=True,
         )
     shows: dict[str, Callable[[Any, argparse.Namespace], str]] = {
         "status": show_status,
@@ -464,7 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
         psub.add_parser(action, help=f"{action} a project", parents=opts).add_argument(
             "name", metavar="NAME"
         )
-    add("watch", "live progress until interrupted")
+    add(
+        "watch",
+        "live progress until interrupted (with --json: one snapshot, then exit)",
+    )
     return parser
 
 
@@ -490,7 +631,20 @@ def main(argv: list[str] | None = None) -> int:
     call = call_of(ns)
     try:
         path = socket_path_of(ns)
-        data = request(path, call.wire, call.args, timeout=TIMEOUT)
+        if call.wire == "watch" and not ns.json:
+            try:
+                watch(path, sys.stdout, tty=sys.stdout.isatty())
+            except KeyboardInterrupt:
+                return 0  # Ctrl-C is how a watch ends
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise HubUnreachable(
+                    f"the hub at {path} sent a reply of an unexpected shape ({exc!r})"
+                ) from None
+            return 0
+        data = request(path, call.wire, call.args, timeout=LONG_TIMEOUT if call.long else TIMEOUT)
         try:
             text = json.dumps(data, indent=2) if ns.json else call.show(data, ns)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -110,6 +110,31 @@ class ProjectUpdated:
     project: ProjectInfo
 
 
+@dataclass(frozen=True, slots=True)
+class ProjectPaused:
+    """An admin paused a project: no new offers; leases already out run to their end."""
+
+    project: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectResumed:
+    """An admin resumed a paused project: its waiting tasks are offered again."""
+
+    project: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectCancelled:
+    """An admin cancelled a project: every unfinished task becomes X, running ones stop."""
+
+    project: str
+    reason: str
+    now: float
+
+
 Event = (
     NodeJoined
     | NodeLeft
@@ -122,6 +147,9 @@ Event = (
     | Tick
     | TasksAdded
     | ProjectUpdated
+    | ProjectPaused
+    | ProjectResumed
+    | ProjectCancelled
 )
 
 # ---- instructions (besides the durable changes of hub/changes.py) -------------------------

@@ -53,7 +53,6 @@ class Volunteer(Base):
     __tablename__ = "volunteers"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     credit: Mapped[float] = mapped_column(Float, default=0.0)
     tasks_completed: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
@@ -75,12 +74,17 @@ class EnrollmentToken(Base):
 
 
 class Node(Base):
+    """A node, known by its own Ed25519 key; ``id`` is derived from the key
+    (issc.nodeauth.node_id_for). The hub holds no secret of a node's."""
+
     __tablename__ = "nodes"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     volunteer_id: Mapped[int] = mapped_column(ForeignKey("volunteers.id"))
-    secret_hash: Mapped[str] = mapped_column(String(64))
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)  # "ed25519:<base64>"
     address: Mapped[str] = mapped_column(String(128), default="")
     slots: Mapped[int] = mapped_column(Integer, default=0)
+    # The projects the volunteer gives time to on this node, from its last hello (JSON).
+    projects: Mapped[str] = mapped_column(Text, default="[]")
     first_seen: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
 

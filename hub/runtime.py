@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from hub import events as ev
 from hub.blobs import ContentStore, UploadArea
 from hub.changes import Change, TaskFinished
 from hub.inbox import Inbox
+from hub.lifecycle import TaskState
 from hub.outbox import Outbox
 from hub.scheduler import Scheduler
 from hub.session import NodeSession
@@ -46,6 +48,7 @@ RETRY_DELAY = 5.0
 EXPORT_COALESCE = 0.2  # seconds; results.jsonl trails the database by about this much
 MAX_OUTPUT_FILES = 64  # after a database or disk error in the inbox or outbox
 MAX_OFFER_BYTES = 2 * 1024 * 1024  # inputs per offer message, well under the frame limit
+RATE_WINDOW = 10  # seconds over which tasks_per_second is measured
 _MESSAGE_TYPES = (
     ev.SendWelcome,
     ev.SendOffers,
@@ -84,12 +87,31 @@ class HubRuntime:
         self._declared: dict[int, dict[str, int]] = {}  # lease -> output name -> size
         self.transfers = {"bundle_bytes_sent": 0, "file_bytes_sent": 0, "upload_bytes_received": 0}
         self.batches = 0
+        self._waiters: list[asyncio.Future[None]] = []  # submit_and_wait callers, this round
+        # Held from an inbox scan's commit until its TasksAdded are submitted, so an admin's
+        # event submitted meanwhile comes after them (a cancel covers every committed task).
+        self.ingest_lock = asyncio.Lock()
+        self._finished_per_second: deque[list[int]] = deque()  # [UNIX second, C or F count]
 
     # ---- events in --------------------------------------------------------------------
 
     def submit(self, event: ev.Event) -> None:
         self._pending.append(event)
         self._wake.set()
+
+    async def submit_and_wait(self, event: ev.Event) -> None:
+        """Submit ``event``; return once the batch holding it is committed and its messages
+        are sent (an admin is told of a change only when the database holds it).
+
+        Raises:
+            StoreError: the batch could not be committed (the hub stops after that).
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        async with self.ingest_lock:
+            self._pending.append(event)
+            self._waiters.append(done)
+            self._wake.set()
+        await done
 
     def attach(self, session: NodeSession, hello: Hello) -> None:
         assert session.node_id is not None
@@ -114,16 +136,23 @@ class HubRuntime:
             del self.sessions[session.node_id]
             self.submit(ev.NodeLeft(session.node_id, self.now()))
 
-    async def enroll(self, hello: Hello, address: str) -> tuple[str, str]:
+    async def enroll(self, hello: Hello, address: str) -> str:
+        """Admit a node whose proof verified; its node id.
+
+        Raises:
+            AuthError: the node may not join (registration, token, volunteer).
+            StoreError: the database failed.
+        """
         return await self.astore.call(
             self.store.enroll_node,
             hello.volunteer,
-            hello.node_id,
-            hello.node_secret,
+            hello.public_key,
+            hello.token,
             self.config.registration == "open",
             address,
             hello.slots,
             self.now(),
+            tuple(hello.projects),
         )
 
     async def bundle_chunk(self, digest: str, offset: int) -> tuple[int, bytes] | None:
@@ -192,8 +221,22 @@ class HubRuntime:
                 await asyncio.wait_for(self._wake.wait(), TICK)
             self._wake.clear()
             events, self._pending = self._pending, []
-            instructions = self.scheduler.handle(*events, ev.Tick(self.now()))
-            await self._carry_out(instructions)
+            waiters, self._waiters = self._waiters, []
+            try:
+                instructions = self.scheduler.handle(*events, ev.Tick(self.now()))
+                await self._carry_out(instructions)
+            except BaseException as exc:
+                for waiter in waiters:
+                    if waiter.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        waiter.set_exception(StoreError(f"the change was not committed: {exc}"))
+                    else:
+                        waiter.cancel()
+                raise
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _carry_out(self, instructions: Sequence[ev.Instruction]) -> None:
         changes: list[Change] = []
@@ -210,6 +253,9 @@ class HubRuntime:
             finished = [c for c in changes if isinstance(c, TaskFinished)]
             if finished:
                 self._export_wanted.set()
+                self._count_finished(
+                    sum(1 for c in finished if c.state in (TaskState.C, TaskState.F))
+                )
                 await asyncio.to_thread(self._discard_uploads, finished)
         for message in messages:
             await self._deliver(message)
@@ -289,22 +335,52 @@ class HubRuntime:
 
     async def inbox_loop(self) -> None:
         while True:
-            try:
-                ingested = await self.astore.call(self.inbox.scan)
-            except StoreError as exc:
-                # The file that met the error stays in the inbox and is read again later.
-                log.error("inbox: scan failed, retrying in %s s: %s", RETRY_DELAY, exc)
-                await asyncio.sleep(RETRY_DELAY)
-                continue
-            for item in ingested:
-                if item.project is not None:
-                    self._bundles.pop(item.project.digest or "", None)
-                    self.submit(ev.ProjectUpdated(item.project))
-                if item.project_id is not None and item.task_pks:
-                    self.submit(ev.TasksAdded(item.project_id, item.task_pks))
-            await asyncio.sleep(INBOX_POLL)
+            delay = INBOX_POLL
+            async with self.ingest_lock:
+                try:
+                    ingested = await self.astore.call(self.inbox.scan)
+                except StoreError as exc:
+                    # The file that met the error stays in the inbox and is read again later.
+                    log.error("inbox: scan failed, retrying in %s s: %s", RETRY_DELAY, exc)
+                    ingested, delay = [], RETRY_DELAY
+                for item in ingested:
+                    if item.project is not None:
+                        self._bundles.pop(item.project.digest or "", None)
+                        self.submit(ev.ProjectUpdated(item.project))
+                    if item.project_id is not None and item.task_pks:
+                        self.submit(ev.TasksAdded(item.project_id, item.task_pks))
+            await asyncio.sleep(delay)
 
     # ---- admin views ------------------------------------------------------------------
+
+    def _count_finished(self, count: int) -> None:
+        """Remember how many tasks reached C or F in this second, for tasks_per_second."""
+        second = int(self.now())
+        if self._finished_per_second and self._finished_per_second[-1][0] == second:
+            self._finished_per_second[-1][1] += count
+        else:
+            self._finished_per_second.append([second, count])
+        while self._finished_per_second[0][0] < second - RATE_WINDOW:
+            self._finished_per_second.popleft()
+
+    def tasks_per_second(self) -> float:
+        """Tasks that reached C or F per second, over the last RATE_WINDOW seconds."""
+        now = self.now()
+        window = min(float(RATE_WINDOW), max(1.0, now - self.started_at))
+        recent = sum(n for second, n in self._finished_per_second if second >= now - window)
+        return round(recent / window, 2)
+
+    def volunteers_live(self) -> dict[str, dict[str, Any]]:
+        """Per volunteer: nodes connected now and the projects those nodes give time to."""
+        out: dict[str, dict[str, Any]] = {}
+        for node_id in self.sessions:
+            node = self.scheduler.nodes.get(node_id)
+            if node is None:
+                continue
+            entry = out.setdefault(node.volunteer, {"connected": 0, "projects": set()})
+            entry["connected"] += 1
+            entry["projects"].update(node.projects)
+        return out
 
     def nodes_view(self) -> list[dict[str, Any]]:
         out = []

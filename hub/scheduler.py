@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hub.changes import (
     LeaseAccepted,
     LeaseEnded,
     LeaseOffered,
     LeaseOutcome,
+    ProjectPauseChanged,
     TaskFinished,
     TaskUpdated,
 )
@@ -35,7 +36,10 @@ from hub.events import (
     NodeLeft,
     OfferItem,
     OffersAccepted,
+    ProjectCancelled,
     ProjectInfo,
+    ProjectPaused,
+    ProjectResumed,
     ProjectUpdated,
     ResultReceived,
     SendCancel,
@@ -197,8 +201,16 @@ class Scheduler:
                 self.queues.setdefault(event.project_id, deque()).extend(event.task_pks)
             case ProjectUpdated():
                 self._set_project(event.project)
+            case ProjectPaused() | ProjectResumed():
+                self._set_paused(event.project, isinstance(event, ProjectPaused))
+            case ProjectCancelled():
+                self._cancel_project(event)
 
     def _set_project(self, project: ProjectInfo) -> None:
+        known = self.projects.get(project.id)
+        if known is not None and known.paused != project.paused:
+            # Pauses are decided here; a bundle registered meanwhile may carry an older flag.
+            project = replace(project, paused=known.paused)
         self.projects[project.id] = project
         self.project_ids[project.name] = project.id
         self.queues.setdefault(project.id, deque())
@@ -380,6 +392,63 @@ class Scheduler:
         # Retries go to the front: they are the oldest work and may block a project's end.
         self.queues.setdefault(task.project_id, deque()).appendleft(task.pk)
         self._out.append(TaskUpdated(task.pk, task.state, task.attempts, None, None))
+
+    # ---- admin: pause, resume, cancel -------------------------------------------------
+
+    def _set_paused(self, name: str, paused: bool) -> None:
+        """Paused projects get no new offers (_next_task_for); leases out run to their end."""
+        project_id = self.project_ids.get(name)
+        if project_id is None or self.projects[project_id].paused == paused:
+            return
+        self.projects[project_id] = replace(self.projects[project_id], paused=paused)
+        self._out.append(ProjectPauseChanged(project_id, paused))
+
+    def _cancel_project(self, event: ProjectCancelled) -> None:
+        """Every unfinished task of the project becomes X; its live leases end and the
+        nodes holding them are told to stop. Tasks added later are a new start."""
+        project_id = self.project_ids.get(event.project)
+        if project_id is None:
+            return
+        queue = self.queues.get(project_id, deque())
+        self.queues[project_id] = deque()
+        for pk in queue:
+            if pk in self.finished_while_waiting:
+                self.finished_while_waiting.discard(pk)  # finished already (a late result)
+                continue
+            self._cancel_task(self.tasks.get(pk) or TaskRec(pk, project_id), None, event)
+        stops: dict[str, list[int]] = {}
+        for task in [t for t in self.tasks.values() if t.project_id == project_id]:
+            lease = None
+            if task.lease is not None:  # TA or A: offered to, or running on, a node
+                lease = self._drop_lease(
+                    task.lease, LeaseOutcome.CANCELLED, event.reason, event.now
+                )
+                stops.setdefault(lease.node_id, []).append(lease.id)
+            self._cancel_task(task, lease, event)
+        for node_id, leases in sorted(stops.items()):
+            self._out.append(SendCancel(node_id, tuple(leases), event.reason))
+
+    def _cancel_task(self, task: TaskRec, lease: LeaseRec | None, event: ProjectCancelled) -> None:
+        task.state = next_state(task.state, TaskEvent.CANCEL)
+        node = self.nodes.get(lease.node_id) if lease is not None else None
+        self._out.append(
+            TaskFinished(
+                task_pk=task.pk,
+                state=task.state,
+                attempts=task.attempts,
+                lease=lease.id if lease is not None else None,
+                node_id=lease.node_id if lease is not None else None,
+                volunteer=node.volunteer if node else None,
+                result=None,
+                error=event.reason,
+                cpu_seconds=0.0,
+                wall_seconds=0.0,
+                at=event.now,
+            )
+        )
+        for lease_id in task.past_leases:
+            self.past_leases.pop(lease_id, None)
+        self.tasks.pop(task.pk, None)
 
     # ---- results ----------------------------------------------------------------------
 

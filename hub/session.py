@@ -16,8 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from hub import events as ev
 from hub.changes import FileInfo
-from issc.errors import IsscError, LocalProtocolError, RemoteProtocolError, StoreError
+from issc.errors import (
+    AuthError,
+    IsscError,
+    KeyFormatError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StoreError,
+)
+from issc.keys import parse_public_key
 from issc.names import SHA256_RE
+from issc.nodeauth import Claim, new_nonce, verify_proof
 from issc.protocol import (
     CLOSED,
     NEED_DATA,
@@ -25,6 +34,7 @@ from issc.protocol import (
     Accept,
     BundleChunk,
     BundleRefused,
+    Challenge,
     Connection,
     Decline,
     Error,
@@ -37,6 +47,7 @@ from issc.protocol import (
     HeartbeatAck,
     Hello,
     Message,
+    Proof,
     Ready,
     Result,
     Role,
@@ -50,12 +61,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # seconds from connect to a verified proof
 READ_SIZE = 256 * 1024
 MAX_WRITE_BUFFER = 16 * 1024 * 1024  # a node that reads slower than this is dropped
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-_NODE_ID_RE = re.compile(r"^n-[0-9a-f]{8}$")
 MAX_SLOTS = 1024
+MAX_TOKEN_LEN = 256
 
 
 class NodeSession:
@@ -73,7 +84,6 @@ class NodeSession:
         self.node_id: str | None = None
         self.volunteer = ""
         self.slots = 0
-        self.node_secret = ""
         self.closed = False
         self.handlers: dict[type[Message], Callable[[Any], Awaitable[None] | None]] = {
             Heartbeat: self._on_heartbeat,
@@ -93,10 +103,8 @@ class NodeSession:
 
     async def serve(self) -> None:
         try:
-            hello = await asyncio.wait_for(self._next_message(), HANDSHAKE_TIMEOUT)
-            if not isinstance(hello, Hello):
-                return
-            if not await self._handshake(hello):
+            hello = await asyncio.wait_for(self._authenticate(), HANDSHAKE_TIMEOUT)
+            if hello is None or not await self._enroll(hello):
                 return
             while not self.closed:
                 message = await self._next_message()
@@ -110,7 +118,7 @@ class NodeSession:
             log.warning("node %s (%s): protocol error: %s", self.node_id, self.address, exc)
             self._send_error(ErrorCode.PROTOCOL, str(exc))
         except TimeoutError:
-            log.info("%s: no hello within %s s", self.address, HANDSHAKE_TIMEOUT)
+            log.info("%s: no hello and proof within %s s", self.address, HANDSHAKE_TIMEOUT)
         except (ConnectionError, OSError) as exc:
             log.info("node %s (%s): connection lost: %s", self.node_id, self.address, exc)
         finally:
@@ -130,20 +138,46 @@ class NodeSession:
             data = await self.reader.read(READ_SIZE)
             self.conn.receive_data(data)
 
-    async def _handshake(self, hello: Hello) -> bool:
+    async def _authenticate(self) -> Hello | None:
+        """hello, challenge, proof: the hello once its proof verified, else None (the
+        connection ended or was refused; the refusal is sent and logged)."""
+        hello = await self._next_message()
+        if not isinstance(hello, Hello):
+            return None
         if hello.protocol != PROTOCOL_VERSION:
             self._send_error(
                 ErrorCode.VERSION, f"hub speaks protocol {PROTOCOL_VERSION}, not {hello.protocol}"
             )
-            return False
+            return None
         problem = _check_hello(hello)
         if problem:
             self._send_error(ErrorCode.PROTOCOL, problem)
-            return False
+            return None
+        # A fresh nonce for every connection: a proof recorded on another one is useless.
+        nonce = new_nonce()
+        self.send(Challenge(nonce=nonce))
+        proof = await self._next_message()
+        if isinstance(proof, Error):
+            log.warning("%s: the node refused the challenge: %s", self.address, proof.message[:500])
+        if not isinstance(proof, Proof):
+            return None
         try:
-            self.node_id, self.node_secret = await self.runtime.enroll(hello, self.address)
+            verify_proof(nonce, _claim(hello), proof.signature)
+        except AuthError as exc:
+            self._refuse(hello, str(exc))
+            return None
+        return hello
+
+    async def _enroll(self, hello: Hello) -> bool:
+        try:
+            self.node_id = await self.runtime.enroll(hello, self.address)
+        except AuthError as exc:
+            self._refuse(hello, str(exc))
+            return False
         except StoreError as exc:
-            self._send_error(ErrorCode.AUTH, str(exc))
+            # Not the node's fault: it retries later, it is not told to give up.
+            log.error("%s: cannot enroll node: %s", self.address, exc)
+            self._send_error(ErrorCode.INTERNAL, "the hub cannot admit nodes right now")
             return False
         self.volunteer = hello.volunteer
         self.slots = hello.slots
@@ -157,6 +191,16 @@ class NodeSession:
         )
         self.runtime.attach(self, hello)
         return True
+
+    def _refuse(self, hello: Hello, reason: str) -> None:
+        log.warning(
+            "refused node from %s (volunteer %r, key %s): %s",
+            self.address,
+            hello.volunteer,
+            hello.public_key,
+            reason,
+        )
+        self._send_error(ErrorCode.AUTH, reason)
 
     # ---- sending ----------------------------------------------------------------------
 
@@ -184,7 +228,6 @@ class NodeSession:
             Welcome(
                 protocol=PROTOCOL_VERSION,
                 node_id=self.node_id,
-                node_secret=self.node_secret,
                 heartbeat_interval=settings.heartbeat_interval,
                 heartbeat_misses=settings.heartbeat_misses,
                 max_frame_size=self.conn.max_frame_size,
@@ -320,12 +363,20 @@ def _bad_digest(sha256: str) -> str | None:
     return None if SHA256_RE.match(sha256) else "sha256 must be 64 lowercase hex digits"
 
 
+def _claim(hello: Hello) -> Claim:
+    return Claim(volunteer=hello.volunteer, public_key=hello.public_key, token=hello.token)
+
+
 def _check_hello(hello: Hello) -> str | None:
     """Why a hello is unacceptable, or None."""
     if not _NAME_RE.match(hello.volunteer):
         return f"volunteer name {hello.volunteer[:80]!r} is not valid"
-    if hello.node_id is not None and not _NODE_ID_RE.match(hello.node_id):
-        return f"node id {hello.node_id[:80]!r} is not valid"
+    try:
+        parse_public_key(hello.public_key)
+    except KeyFormatError as exc:
+        return f"hello.public_key: {exc}"
+    if hello.token is not None and not 1 <= len(hello.token) <= MAX_TOKEN_LEN:
+        return f"token must be 1..{MAX_TOKEN_LEN} characters"
     if not 1 <= hello.slots <= MAX_SLOTS:
         return f"slots must be 1..{MAX_SLOTS}"
     if len(hello.projects) > 256 or len(hello.leases) > 4 * MAX_SLOTS:

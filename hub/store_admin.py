@@ -1,4 +1,5 @@
-"""Read-only queries for issc-ctl and reports: counts, task lists, lease history, nodes."""
+"""Read-only queries for issc-ctl and reports: counts, task lists, lease history, nodes,
+volunteers and everything held about one of them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from hub.db import StoreBase, iso_time
+from hub.db import NODES, VOLUNTEERS, StoreBase, iso_time
 from hub.lifecycle import TaskState
-from hub.models import Lease, Node, Project, Task, Volunteer
+from hub.models import EnrollmentToken, Lease, Node, Project, Result, Task, Volunteer
 from issc.errors import StoreError
 
 
@@ -23,27 +24,32 @@ class AdminStore(StoreBase):
                 counts[state] = n
         return counts
 
-    def projects_summary(self) -> list[dict[str, Any]]:
+    def projects_summary(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every project (or only the one called ``name``) with task counts per state."""
         with self.engine.connect() as conn:
-            projects = conn.execute(
-                select(Project.id, Project.name, Project.version, Project.paused).order_by(
-                    Project.name
-                )
-            ).all()
+            query = select(Project.id, Project.name, Project.version, Project.paused)
+            counting = select(Task.project_id, Task.state, func.count())
+            if name is not None:
+                query = query.where(Project.name == name)
+                counting = counting.join(Project).where(Project.name == name)
+            projects = conn.execute(query.order_by(Project.name)).all()
             counts: dict[int, dict[str, int]] = {
                 p.id: {str(s): 0 for s in TaskState} for p in projects
             }
-            rows = conn.execute(
-                select(Task.project_id, Task.state, func.count()).group_by(
-                    Task.project_id, Task.state
-                )
-            )
+            rows = conn.execute(counting.group_by(Task.project_id, Task.state))
             for project_id, state, n in rows:
                 counts[project_id][state] = n
         return [
             {"name": p.name, "version": p.version, "paused": bool(p.paused), "tasks": counts[p.id]}
             for p in projects
         ]
+
+    def project_summary(self, name: str) -> dict[str, Any]:
+        """One project as ``projects_summary`` shows it. Raises StoreError if unknown."""
+        found = self.projects_summary(name)
+        if not found:
+            raise StoreError(f"no project named {name!r}")
+        return found[0]
 
     def tasks_of(self, project: str, state: str | None) -> list[dict[str, Any]]:
         """Raises StoreError if the project does not exist."""
@@ -118,3 +124,147 @@ class AdminStore(StoreBase):
                 .where(Node.id.in_(list(node_ids)))
             )
             return {r[0]: {"volunteer": r[1], "address": r[2], "slots": r[3]} for r in rows}
+
+    # ---- volunteers -------------------------------------------------------------------
+
+    def volunteers_summary(self) -> list[dict[str, Any]]:
+        """Every volunteer with its credit, completed tasks and enrolled nodes, by name."""
+        nodes = (
+            select(Node.volunteer_id, func.count().label("n"))
+            .group_by(Node.volunteer_id)
+            .subquery()
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    Volunteer.name,
+                    Volunteer.credit,
+                    Volunteer.tasks_completed,
+                    Volunteer.created_at,
+                    func.coalesce(nodes.c.n, 0),
+                )
+                .outerjoin(nodes, nodes.c.volunteer_id == Volunteer.id)
+                .order_by(Volunteer.name)
+            ).all()
+        return [
+            {
+                "volunteer": name,
+                "credit": round(credit, 3),
+                "tasks_completed": completed,
+                "nodes": n,
+                "created_at": iso_time(created),
+            }
+            for name, credit, completed, created, n in rows
+        ]
+
+    def volunteer_export(self, name: str) -> dict[str, Any]:
+        """Everything the hub holds about one volunteer, as one JSON-ready document.
+
+        Secrets stay out: no token hashes, no column of a node that names a hash or a
+        secret. Raises StoreError if there is no such volunteer.
+        """
+        with self.engine.connect() as conn:
+            row = conn.execute(select(VOLUNTEERS).where(Volunteer.name == name)).first()
+            if row is None:
+                raise StoreError(f"no volunteer named {name!r}")
+            tokens = conn.execute(
+                select(EnrollmentToken.created_at, EnrollmentToken.used_at, EnrollmentToken.used_by)
+                .where(EnrollmentToken.volunteer_id == row.id)
+                .order_by(EnrollmentToken.created_at)
+            ).all()
+            nodes = conn.execute(
+                select(NODES).where(Node.volunteer_id == row.id).order_by(Node.first_seen)
+            ).all()
+            node_ids = [n.id for n in nodes]
+            tasks = conn.execute(
+                select(
+                    Project.name,
+                    Task.name,
+                    Task.state,
+                    Task.attempts,
+                    Task.node_id,
+                    Task.cpu_seconds,
+                    Task.finished_at,
+                    Task.error,
+                )
+                .join(Project, Project.id == Task.project_id)
+                .where(Task.volunteer == name)
+                .order_by(Task.finished_at, Task.id)
+            ).all()
+            leases = conn.execute(
+                select(
+                    Lease.id,
+                    Project.name,
+                    Task.name,
+                    Lease.node_id,
+                    Lease.offered_at,
+                    Lease.accepted_at,
+                    Lease.ended_at,
+                    Lease.outcome,
+                    Lease.detail,
+                    Result.cpu_seconds,
+                    Result.wall_seconds,
+                )
+                .join(Task, Task.id == Lease.task_id)
+                .join(Project, Project.id == Task.project_id)
+                .outerjoin(Result, Result.lease_id == Lease.id)
+                .where(Lease.node_id.in_(node_ids))
+                .order_by(Lease.id)
+            ).all()
+        return {
+            "volunteer": name,
+            "created_at": iso_time(row.created_at),
+            "credit": round(row.credit, 3),
+            "tasks_completed": row.tasks_completed,
+            "enrollment_tokens": [
+                {"created_at": iso_time(t[0]), "used_at": iso_time(t[1]), "used_by": t[2]}
+                for t in tokens
+            ],
+            "nodes": [_public_node(n._mapping) for n in nodes],
+            "tasks": [
+                {
+                    "project": t[0],
+                    "id": t[1],
+                    "state": t[2],
+                    "attempts": t[3],
+                    "node": t[4],
+                    "cpu_seconds": round(t[5], 3),
+                    "finished_at": iso_time(t[6]),
+                    "error": t[7],
+                }
+                for t in tasks
+            ],
+            "leases": [
+                {
+                    "lease": lease[0],
+                    "project": lease[1],
+                    "task": lease[2],
+                    "node": lease[3],
+                    "offered_at": iso_time(lease[4]),
+                    "accepted_at": iso_time(lease[5]),
+                    "ended_at": iso_time(lease[6]),
+                    "outcome": lease[7],
+                    "detail": lease[8],
+                    "cpu_seconds": _rounded(lease[9]),
+                    "wall_seconds": _rounded(lease[10]),
+                }
+                for lease in leases
+            ],
+        }
+
+
+_NODE_TIMES = ("first_seen", "last_seen")
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
+def _public_node(row: Any) -> dict[str, Any]:
+    """A node's row without its volunteer key or anything secret, times as ISO 8601."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "volunteer_id" or "secret" in key or "hash" in key:
+            continue
+        out["node" if key == "id" else key] = iso_time(value) if key in _NODE_TIMES else value
+    return out

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import secrets
+from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import insert, select, update
 
@@ -17,18 +21,20 @@ from hub.db import (
     project_info,
 )
 from hub.events import ProjectInfo
-from hub.models import Bundle, Node, Project, Volunteer
-from issc.errors import StoreError
+from hub.models import Bundle, EnrollmentToken, Node, Project, Volunteer
+from issc.errors import AuthError, KeyFormatError, StoreError
 from issc.manifest import Manifest
+from issc.nodeauth import node_id_for
 
 
 def hash_token(token: str) -> str:
-    """The stored form of an enrollment token."""
+    """The stored form of an enrollment token.
+
+    A plain SHA-256 is enough: tokens are 192 random bits, so there is nothing to guess
+    that a slow hash would protect; the hash only keeps a stolen database from holding
+    usable tokens.
+    """
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class EnrollmentStore(StoreBase):
@@ -103,55 +109,79 @@ class EnrollmentStore(StoreBase):
     def enroll_node(
         self,
         volunteer: str,
-        node_id: str | None,
-        node_secret: str | None,
+        public_key: str,
+        token: str | None,
         open_registration: bool,
         address: str,
         slots: int,
         now: float,
-    ) -> tuple[str, str]:
-        """Authenticate a returning node or enroll a new one; returns (node id, secret).
+        projects: Sequence[str] = (),
+    ) -> str:
+        """Admit a node that has proved it holds ``public_key``; returns its node id.
 
-        Raises StoreError naming the reason when the node may not join.
+        The node's project list (from its hello) is remembered, replacing the last one.
+
+        A known key must be enrolled for ``volunteer`` (its token, if any, is ignored).
+        A new key enrolls for ``volunteer``: with a token, the token must be an unused
+        one of that volunteer's and is used up by this node; without one, only under
+        open registration, which also creates an unknown volunteer.
+
+        Raises:
+            AuthError: the node may not join (the message says why and what to do).
         """
+        try:
+            node_id = node_id_for(public_key)
+        except KeyFormatError as exc:
+            raise AuthError(f"the node's public key is not valid: {exc}") from None
         with self.engine.begin() as conn:
             vol_id = conn.execute(select(Volunteer.id).where(Volunteer.name == volunteer)).scalar()
+            row = conn.execute(select(NODES).where(Node.id == node_id)).first()
+            if row is not None:
+                _check_known_node(conn, row, node_id, public_key, volunteer, vol_id)
+                conn.execute(
+                    update(NODES)
+                    .where(Node.id == node_id)
+                    .values(
+                        last_seen=now,
+                        address=address,
+                        slots=slots,
+                        projects=json.dumps(list(projects)),
+                    )
+                )
+                return node_id
             if vol_id is None:
                 if not open_registration:
-                    raise StoreError(f"unknown volunteer {volunteer!r} and registration is closed")
+                    raise AuthError(
+                        f"volunteer {volunteer!r} is unknown and registration is closed: the "
+                        f"hub's admin creates it with `issc-ctl volunteer add {volunteer}`, "
+                        "which prints an enrollment token for `token` in node.yaml"
+                    )
                 vol_id = conn.execute(
                     insert(VOLUNTEERS).values(
                         name=volunteer, credit=0.0, tasks_completed=0, created_at=now
                     )
                 ).inserted_primary_key[0]  # type: ignore[index]
-            if node_id is not None:
-                row = conn.execute(select(NODES).where(Node.id == node_id)).first()
-                if row is not None:
-                    if node_secret is None or _hash_secret(node_secret) != row.secret_hash:
-                        raise StoreError(f"node {node_id}: wrong node secret")
-                    if row.volunteer_id != vol_id:
-                        raise StoreError(f"node {node_id} belongs to another volunteer")
-                    conn.execute(
-                        update(NODES)
-                        .where(Node.id == node_id)
-                        .values(last_seen=now, address=address, slots=slots)
-                    )
-                    assert node_secret is not None
-                    return node_id, node_secret
-            new_id = node_id if node_id is not None else f"n-{secrets.token_hex(4)}"
-            secret = secrets.token_urlsafe(24)
+            if token is not None:
+                _use_token(conn, vol_id, volunteer, token, node_id, open_registration, now)
+            elif not open_registration:
+                raise AuthError(
+                    f"registration is closed: a new node of volunteer {volunteer!r} needs an "
+                    f"enrollment token (token: in node.yaml) from `issc-ctl volunteer add "
+                    f"{volunteer}`"
+                )
             conn.execute(
                 insert(NODES).values(
-                    id=new_id,
+                    id=node_id,
                     volunteer_id=vol_id,
-                    secret_hash=_hash_secret(secret),
+                    public_key=public_key,
                     address=address,
                     slots=slots,
+                    projects=json.dumps(list(projects)),
                     first_seen=now,
                     last_seen=now,
                 )
             )
-            return new_id, secret
+            return node_id
 
     def issue_token(self, volunteer: str, now: float) -> str:
         """A new one-time enrollment token for ``volunteer`` (created if new).
@@ -173,3 +203,76 @@ class EnrollmentStore(StoreBase):
                 )
             )
         return token
+
+
+def _check_known_node(
+    conn: Any, row: Any, node_id: str, public_key: str, volunteer: str, vol_id: int | None
+) -> None:
+    """A returning node must present the key it enrolled with, for the same volunteer.
+
+    Raises:
+        AuthError: it does not.
+    """
+    if row.public_key != public_key:
+        # Two keys whose ids share 32 bits: rare, but the first one keeps the id.
+        raise AuthError(
+            f"node id {node_id} already belongs to another key; this node must make a new "
+            "one (stop it, delete node.key in its data_dir, start it again)"
+        )
+    if row.volunteer_id != vol_id:
+        # The node proved it holds this key, so it may learn whose node it is.
+        owner = conn.execute(select(Volunteer.name).where(Volunteer.id == row.volunteer_id))
+        raise AuthError(
+            f"node {node_id} is enrolled for volunteer {owner.scalar()!r}, not {volunteer!r}: "
+            "a node's key belongs to one volunteer (a node with a new data_dir enrolls afresh)"
+        )
+
+
+def _use_token(
+    conn: Any,
+    vol_id: int,
+    volunteer: str,
+    token: str,
+    node_id: str,
+    open_registration: bool,
+    now: float,
+) -> None:
+    """Use up one of the volunteer's enrollment tokens for ``node_id``.
+
+    The presented token's hash is compared with every token hash of the volunteer in
+    constant time (hmac.compare_digest, no early exit), so timing says nothing about
+    how much of a guess was right.
+
+    Raises:
+        AuthError: the token is not one of the volunteer's, or was used already.
+    """
+    digest = hash_token(token)
+    rows = conn.execute(
+        select(EnrollmentToken.token_hash, EnrollmentToken.used_by).where(
+            EnrollmentToken.volunteer_id == vol_id
+        )
+    ).all()
+    match = None
+    for row in rows:
+        if hmac.compare_digest(row.token_hash, digest):
+            match = row
+    if match is None:
+        raise AuthError(
+            f"the enrollment token in node.yaml is not a token of volunteer {volunteer!r} "
+            f"(check token: and volunteer:, or ask for one: `issc-ctl volunteer add {volunteer}`)"
+        )
+    # The WHERE on used_at makes using a token atomic, should two nodes race for it.
+    used = conn.execute(
+        update(ENROLLMENT_TOKENS)
+        .where(EnrollmentToken.token_hash == digest, EnrollmentToken.used_at.is_(None))
+        .values(used_at=now, used_by=node_id)
+    )
+    if used.rowcount != 1:
+        hint = (
+            " or remove token: from node.yaml (registration is open)" if open_registration else ""
+        )
+        raise AuthError(
+            f"the enrollment token of volunteer {volunteer!r} was already used by node "
+            f"{match.used_by}; a token enrolls one node: ask for another with `issc-ctl "
+            f"volunteer add {volunteer}`{hint}"
+        )

@@ -13,7 +13,15 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from hub.changes import Change, LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
+from hub.changes import (
+    Change,
+    LeaseAccepted,
+    LeaseEnded,
+    LeaseOffered,
+    ProjectPauseChanged,
+    TaskFinished,
+    TaskUpdated,
+)
 from hub.db import (
     LEASES,
     OUTPUTS,
@@ -163,6 +171,15 @@ class SchedulerStore(StoreBase):
                 finished = [c for c in changes if isinstance(c, TaskFinished)]
                 if finished:
                     self._write_finished(conn, finished)
+                update_by_id(
+                    conn,
+                    PROJECTS,
+                    [
+                        {"id": c.project_id, "paused": c.paused}
+                        for c in changes
+                        if isinstance(c, ProjectPauseChanged)
+                    ],
+                )
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot commit a batch of {len(changes)} changes: {exc}") from None
 

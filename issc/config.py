@@ -18,12 +18,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from issc.errors import ConfigError
+from issc.names import VOLUNTEER_NAME_RE, VOLUNTEER_NAME_RULE
 
 T = TypeVar("T")
 
 DEFAULT_HUB_PORT = 7411
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_VOLUNTEER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _HUB_KEYS = {
     "listen", "data_dir", "database", "heartbeat_interval", "heartbeat_misses",
     "offer_timeout", "max_attempts", "registration", "control_socket", "tls",
@@ -258,8 +258,8 @@ def _name_list(value: Any) -> tuple[str, ...]:
 
 
 def _volunteer(value: Any) -> str:
-    if not isinstance(value, str) or not _VOLUNTEER_RE.match(value):
-        raise ValueError("1-64 letters, digits, or _.@- starting with a letter or digit")
+    if not isinstance(value, str) or not VOLUNTEER_NAME_RE.match(value):
+        raise ValueError(VOLUNTEER_NAME_RULE)
     return value
 
 

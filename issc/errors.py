@@ -30,6 +30,11 @@ class KeyFormatError(IsscError):
     """A key file or a public key string is malformed."""
 
 
+class AuthError(IsscError):
+    """A node failed to prove who it is, or may not join: a signature that does not
+    verify, an unknown volunteer under closed registration, a bad or used token."""
+
+
 class BundleError(IsscError):
     """A project bundle is malformed, tampered with, or signed by an untrusted key."""
 

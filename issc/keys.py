@@ -4,6 +4,9 @@ A project owner signs bundles with a private key kept in a PEM file (PKCS8, unen
 mode 0600). Nodes pin the matching public key, written as ``ed25519:`` followed by the
 standard base64 of the 32 raw public key bytes; that string is what ``issc-project keygen``
 prints and what ``trusted_keys`` in node.yaml holds.
+
+A node keeps its own key the same way (``<data_dir>/node.key``, made on first start by
+``load_or_create_private_key``) and proves who it is with it (``issc.nodeauth``).
 """
 
 from __future__ import annotations
@@ -42,14 +45,9 @@ def generate_key(path: Path) -> str:
         KeyFormatError: either file already exists or cannot be written (names the path).
     """
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        encoding=serialization.Encoding.PEM,
-        format=serialization.PrivateFormat.PKCS8,
-        encryption_algorithm=serialization.NoEncryption(),
-    )
     public = public_key_string(key.public_key())
     pub_path = public_key_path(path)
-    _write_new_file(path, pem, 0o600)
+    _write_new_file(path, _private_pem(key), 0o600)
     try:
         _write_new_file(pub_path, (public + "\n").encode("ascii"), 0o644)
     except KeyFormatError:
@@ -57,6 +55,37 @@ def generate_key(path: Path) -> str:
         path.unlink(missing_ok=True)
         raise
     return public
+
+
+def load_or_create_private_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
+    """The private key at ``path``, made there first if there is none; (key, created).
+
+    A new key is written like ``generate_key`` writes one (PEM, mode 0600, O_EXCL) but
+    without a ``.pub`` file. An existing file is never overwritten, not even when it is
+    unreadable or not a key: that is an error for a person to look at, because a
+    replaced key is a lost identity.
+
+    Raises:
+        KeyFormatError: the file exists but is not a usable key, or cannot be created.
+    """
+    if not os.path.lexists(path):
+        key = Ed25519PrivateKey.generate()
+        try:
+            _write_new_file(path, _private_pem(key), 0o600)
+            return key, True
+        except KeyFormatError:
+            if not os.path.lexists(path):
+                raise
+            # Another process made it between our check and our create: use theirs.
+    return load_private_key(path), False
+
+
+def _private_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
@@ -120,10 +149,14 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def public_key_string(key: Ed25519PublicKey) -> str:
     """Return ``"ed25519:" + base64(raw 32 public bytes)``."""
-    raw = key.public_bytes(
+    return PUBLIC_KEY_PREFIX + base64.b64encode(public_key_bytes(key)).decode("ascii")
+
+
+def public_key_bytes(key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of a public key."""
+    return key.public_bytes(
         encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw
     )
-    return PUBLIC_KEY_PREFIX + base64.b64encode(raw).decode("ascii")
 
 
 def parse_public_key(text: str) -> Ed25519PublicKey:

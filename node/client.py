@@ -1,7 +1,8 @@
 """The node: one persistent connection to a hub, tasks run in the executor, results spooled.
 
 ``NodeClient.run`` connects (hubs tried in order, exponential backoff with full jitter
-between rounds), says hello with the leases it still holds, and then serves the
+between rounds), says hello with the leases it still holds, proves who it is by signing
+the hub's challenge with its own key (``node.identity``), and then serves the
 connection: offers are checked (project chosen, key pinned, version not older than one
 already run, bundle verified) before they are accepted; results are spooled on disk
 before they are sent and dropped only when the hub acknowledges them. Tasks keep
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from issc import __version__
 from issc.config import Address, NodeConfig
@@ -43,6 +43,7 @@ from issc.protocol import (
     BundleChunk,
     BundleRefused,
     Cancel,
+    Challenge,
     Connection,
     Decline,
     Error,
@@ -54,6 +55,7 @@ from issc.protocol import (
     Hello,
     Message,
     Offer,
+    Proof,
     Ready,
     ResultAck,
     Role,
@@ -67,6 +69,7 @@ from node.cache import BundleCache
 from node.executor import Executor, RunOutcome, RunRequest, make_executor
 from node.fetch import BundleFetcher, InputFetcher
 from node.files import FileCache
+from node.identity import NodeIdentity
 from node.runs import failure
 from node.sandbox import remove_tree
 from node.spool import ResultSpool
@@ -81,6 +84,7 @@ BACKOFF_CAP = 30.0
 READ_SIZE = 256 * 1024
 MAX_ERROR = 16 * 1024  # characters of an error message sent to the hub
 STOP_GRACE = 5.0  # seconds to deliver spooled results and say goodbye on a clean stop
+_M = TypeVar("_M", bound=Message)
 
 
 class FatalNodeError(IsscError):
@@ -96,27 +100,6 @@ class Running:
 
 
 @dataclass(slots=True)
-class Identity:
-    path: Path
-    node_id: str | None = None
-    node_secret: str | None = None
-
-    def load(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            self.node_id, self.node_secret = data.get("node_id"), data.get("node_secret")
-
-    def save(self, node_id: str, node_secret: str) -> None:
-        if (node_id, node_secret) == (self.node_id, self.node_secret):
-            return
-        self.node_id, self.node_secret = node_id, node_secret
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"node_id": node_id, "node_secret": node_secret}))
-        tmp.chmod(0o600)
-        tmp.replace(self.path)
-
-
-@dataclass(slots=True)
 class _Link:
     """One live connection to the hub."""
 
@@ -129,11 +112,21 @@ class _Link:
 
 class NodeClient:
     def __init__(self, config: NodeConfig) -> None:
+        """Open (or make) the node's data_dir and its key.
+
+        Raises:
+            KeyFormatError: data_dir/node.key exists but is not a usable key.
+        """
         self.config = config
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
-        self.identity = Identity(data / "identity.json")
-        self.identity.load()
+        self.identity = NodeIdentity.load_or_create(data)
+        log.info(
+            "node %s of volunteer %s, key %s",
+            self.identity.node_id,
+            config.volunteer,
+            self.identity.public_key,
+        )
         self.spool = ResultSpool(data / "spool")
         self.spool.sweep()
         self.cache = BundleCache(data / "bundles", dict(config.trusted_keys))
@@ -223,26 +216,7 @@ class NodeClient:
     # ---- one connection -----------------------------------------------------------------
 
     async def _serve(self, link: _Link) -> None:
-        held = sorted(set(self.running) | set(self.spool.leases()))
-        self._send(
-            link,
-            Hello(
-                protocol=PROTOCOL_VERSION,
-                software=f"issc-node/{__version__}",
-                volunteer=self.config.volunteer,
-                token=self.config.token,
-                node_id=self.identity.node_id,
-                node_secret=self.identity.node_secret,
-                projects=list(self.config.projects),
-                slots=self.config.slots,
-                leases=held,
-            ),
-        )
-        welcome = await asyncio.wait_for(self._next_message(link), CONNECT_TIMEOUT)
-        if isinstance(welcome, Error):
-            self._refused(welcome)
-        if not isinstance(welcome, Welcome):
-            raise RemoteProtocolError("the hub closed the connection during the handshake")
+        welcome = await self._handshake(link)
         self._welcomed(link, welcome)
         heartbeat = asyncio.create_task(self._heartbeats(link))
         try:
@@ -255,8 +229,53 @@ class NodeClient:
         finally:
             heartbeat.cancel()
 
+    async def _handshake(self, link: _Link) -> Welcome:
+        """hello, challenge, proof, welcome.
+
+        Raises:
+            FatalNodeError: the hub refused this node for good (auth, version).
+            RemoteProtocolError: the hub broke off or sent something unusable.
+            TimeoutError: the hub did not answer in time.
+        """
+        held = sorted(set(self.running) | set(self.spool.leases()))
+        volunteer, token = self.config.volunteer, self.config.token
+        self._send(
+            link,
+            Hello(
+                protocol=PROTOCOL_VERSION,
+                software=f"issc-node/{__version__}",
+                volunteer=volunteer,
+                token=token,
+                public_key=self.identity.public_key,
+                projects=list(self.config.projects),
+                slots=self.config.slots,
+                leases=held,
+            ),
+        )
+        challenge = await self._handshake_reply(link, Challenge)
+        try:
+            signature = self.identity.prove(challenge.nonce, volunteer, token)
+        except ValueError as exc:
+            self._send(link, Error(code=ErrorCode.PROTOCOL, message=f"challenge: {exc}"))
+            raise RemoteProtocolError(f"the hub sent an unusable challenge: {exc}") from None
+        self._send(link, Proof(signature=signature))
+        welcome = await self._handshake_reply(link, Welcome)
+        if welcome.node_id != self.identity.node_id:
+            raise RemoteProtocolError(
+                f"the hub calls this node {welcome.node_id!r}, but its key makes it "
+                f"{self.identity.node_id}"
+            )
+        return welcome
+
+    async def _handshake_reply(self, link: _Link, kind: type[_M]) -> _M:
+        message = await asyncio.wait_for(self._next_message(link), CONNECT_TIMEOUT)
+        if isinstance(message, Error):
+            self._refused(message)
+        if not isinstance(message, kind):
+            raise RemoteProtocolError("the hub closed the connection during the handshake")
+        return message
+
     def _welcomed(self, link: _Link, welcome: Welcome) -> None:
-        self.identity.save(welcome.node_id, welcome.node_secret)
         self.heartbeat_interval = welcome.heartbeat_interval
         self.heartbeat_misses = welcome.heartbeat_misses
         link.conn.set_max_frame_size(welcome.max_frame_size)
@@ -277,8 +296,13 @@ class NodeClient:
                 self.uploads.submit(record, self.spool.output_dir(lease))
         self._send_ready()
 
-    def _refused(self, error: Error) -> None:
-        if error.code in (ErrorCode.AUTH, ErrorCode.VERSION):
+    def _refused(self, error: Error) -> NoReturn:
+        if error.code == ErrorCode.AUTH:
+            raise FatalNodeError(
+                f"the hub refused node {self.identity.node_id} of volunteer "
+                f"{self.config.volunteer!r} (auth): {error.message}"
+            )
+        if error.code == ErrorCode.VERSION:
             raise FatalNodeError(f"the hub refused this node ({error.code}): {error.message}")
         raise RemoteProtocolError(f"the hub refused the connection ({error.code}): {error.message}")
 

@@ -23,6 +23,7 @@ from issc.protocol.messages import (
     BundleChunk,
     BundleRefused,
     Cancel,
+    Challenge,
     Decline,
     Error,
     FetchBundle,
@@ -34,6 +35,7 @@ from issc.protocol.messages import (
     Hello,
     Message,
     Offer,
+    Proof,
     Ready,
     Result,
     ResultAck,
@@ -58,7 +60,12 @@ class State(enum.Enum):
     HANDSHAKE = "HANDSHAKE"
     """Connected; the node has not sent ``hello`` yet."""
     HELLO_SENT = "HELLO_SENT"
-    """Still in the handshake: ``hello`` sent, ``welcome`` or ``error`` awaited."""
+    """``hello`` sent; the hub's ``challenge`` (or ``error``) is awaited."""
+    CHALLENGED = "CHALLENGED"
+    """``challenge`` sent; the node's ``proof`` is awaited."""
+    PROOF_SENT = "PROOF_SENT"
+    """``proof`` sent; the hub verifies it, enrolls the node, and sends ``welcome`` (or
+    ``error``)."""
     OPEN = "OPEN"
     """Handshake done; tasks flow."""
     CLOSED = "CLOSED"
@@ -95,11 +102,18 @@ _HUB_WORK: Final = (Offer, Cancel, BundleChunk, FileChunk, UploadAck, ResultAck,
 
 TRANSITIONS: Final[Mapping[tuple[Role, State, type[Message]], State]] = MappingProxyType(
     {
-        # Handshake. The hub may refuse before or after hello (limit, auth, version).
+        # Handshake: hello, challenge, proof, welcome. The hub may refuse at any of its
+        # turns (limit, version, protocol, auth), and while it waits for the proof (a
+        # timeout); the node may refuse a challenge it cannot answer.
         (Role.NODE, State.HANDSHAKE, Hello): State.HELLO_SENT,
         (Role.HUB, State.HANDSHAKE, Error): State.CLOSED,
-        (Role.HUB, State.HELLO_SENT, Welcome): State.OPEN,
+        (Role.HUB, State.HELLO_SENT, Challenge): State.CHALLENGED,
         (Role.HUB, State.HELLO_SENT, Error): State.CLOSED,
+        (Role.NODE, State.CHALLENGED, Proof): State.PROOF_SENT,
+        (Role.NODE, State.CHALLENGED, Error): State.CLOSED,
+        (Role.HUB, State.CHALLENGED, Error): State.CLOSED,
+        (Role.HUB, State.PROOF_SENT, Welcome): State.OPEN,
+        (Role.HUB, State.PROOF_SENT, Error): State.CLOSED,
         # Open: work flows both ways until one side ends it.
         **{(Role.NODE, State.OPEN, kind): State.OPEN for kind in _NODE_WORK},
         (Role.NODE, State.OPEN, Goodbye): State.CLOSED,

@@ -39,7 +39,8 @@ class ErrorCode(enum.StrEnum):
     VERSION = "version"
     """The peer speaks a protocol version we do not."""
     AUTH = "auth"
-    """Unknown volunteer, bad token, bad node secret, or registration closed."""
+    """The node's proof failed, or it may not join: unknown volunteer under closed
+    registration, a bad or used token, a key enrolled for another volunteer."""
     LIMIT = "limit"
     """A limit was exceeded: too many connections, slots, or a value out of range."""
     INTERNAL = "internal"
@@ -87,18 +88,31 @@ class FileRef:
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(Message):
-    """First message of a connection: who the node is and what it offers."""
+    """First message of a connection: who the node is and what it offers.
+
+    ``volunteer``, ``public_key`` and ``token`` are the claim the node's ``proof``
+    signs (issc.nodeauth); the hub believes none of them before the proof verifies.
+    """
 
     TAG: ClassVar[str] = "hello"
     protocol: int
     software: str
     volunteer: str
-    token: str | None
-    node_id: str | None
-    node_secret: str | None
+    token: str | None  # enrollment token; looked at only when the key is new to the hub
+    public_key: str  # the node's own key, "ed25519:<base64>"; its node id derives from it
     projects: list[str]
     slots: int
     leases: list[int]  # leases still held: running, or finished and not yet acknowledged
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Proof(Message):
+    """The node's answer to ``challenge``: its key's signature over the transcript of
+    the challenge's nonce and the hello's claim (issc.nodeauth.transcript)."""
+
+    TAG: ClassVar[str] = "proof"
+    signature: bytes  # 64 bytes, Ed25519
 
 
 @_register
@@ -218,13 +232,21 @@ class Goodbye(Message):
 
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Challenge(Message):
+    """The hub asks the node to prove it holds the key its hello names."""
+
+    TAG: ClassVar[str] = "challenge"
+    nonce: bytes  # 32 random bytes, fresh for every connection
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome(Message):
     """The hub accepts the node; ends the handshake."""
 
     TAG: ClassVar[str] = "welcome"
     protocol: int
-    node_id: str
-    node_secret: str
+    node_id: str  # derived from the node's key (issc.nodeauth.node_id_for)
     heartbeat_interval: float
     heartbeat_misses: int
     max_frame_size: int

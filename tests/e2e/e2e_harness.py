@@ -51,6 +51,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from issc.errors import KeyFormatError
+from node.identity import node_id_in
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 T = TypeVar("T")
@@ -350,7 +353,8 @@ class Hub(Proc):
 
     @property
     def control_socket(self) -> Path:
-        return self.data_dir / "control.sock"
+        configured = self.settings.get("control_socket")
+        return Path(configured) if configured else self.data_dir / "control.sock"
 
     @property
     def db_path(self) -> Path:
@@ -521,10 +525,10 @@ class Node(Proc):
 
     @property
     def node_id(self) -> str | None:
-        """The id the hub gave this node (after its first welcome)."""
+        """This node's id: it follows from the key the node makes on its first start."""
         try:
-            return str(json.loads((self.data_dir / "identity.json").read_text())["node_id"])
-        except (FileNotFoundError, ValueError, KeyError):
+            return node_id_in(self.data_dir)
+        except KeyFormatError:  # caught while the node is still writing its new key
             return None
 
     @property

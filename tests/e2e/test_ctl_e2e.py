@@ -194,19 +194,23 @@ def test_socket_option_reaches_the_same_hub(empty_hub: HubProcess) -> None:
     assert json.loads(done.stdout)["nodes"] == {"connected": 0}
 
 
-@pytest.mark.parametrize(
-    ("argv", "label"),
-    [
-        (["volunteers"], "volunteers"),
-        (["volunteer", "add", "bob"], "volunteer add"),
-        (["project", "pause", "primes"], "project pause"),
-    ],
-)
-def test_commands_this_hub_lacks_exit_2(empty_hub: HubProcess, argv: list[str], label: str) -> None:
-    done = empty_hub.ctl("--json", *argv)
-    assert done.returncode == 2
-    assert done.stdout == ""
-    assert done.stderr == f"issc-ctl: {label}: not available in this version of the hub\n"
+def test_volunteers_and_watch_json_of_an_empty_hub(empty_hub: HubProcess) -> None:
+    assert empty_hub.ctl_json("volunteers") == []
+    assert empty_hub.ctl("volunteers").stdout == "no volunteers\n"
+    watch = empty_hub.ctl_json("watch")  # --json: one snapshot, then exit
+    assert isinstance(watch, dict)
+    assert watch["projects"] == [] and watch["nodes"] == {"connected": 0}
+    assert watch["tasks"] == dict.fromkeys(STATES, 0)
+
+
+def test_unknown_volunteer_and_project_exit_1_naming_them(empty_hub: HubProcess) -> None:
+    for argv, label, message in [
+        (["volunteer", "export", "zed"], "volunteer export", "no volunteer named 'zed'"),
+        (["project", "pause", "primes"], "project pause", "no project named 'primes'"),
+    ]:
+        done = empty_hub.ctl("--json", *argv)
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr == f"issc-ctl: {label}: {message}\n"
 
 
 def test_stopped_hub_leaves_no_socket_and_ctl_says_so(hub: HubProcess) -> None:

@@ -10,15 +10,20 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from e2e_harness import Cluster, GateProject, OwnerKey, wait_until, write_tasks
 
+from issc.keys import public_key_string
+from issc.nodeauth import Claim, sign_proof
 from issc.protocol import (
     PROTOCOL_VERSION,
+    Challenge,
     Error,
     ErrorCode,
     FrameDecoder,
     Hello,
     Message,
+    Proof,
     Result,
     ResultAck,
     Welcome,
@@ -40,13 +45,13 @@ def raw_frame(obj: object) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
+MALLORY_KEY = Ed25519PrivateKey.generate()
 HELLO = Hello(
     protocol=PROTOCOL_VERSION,
     software="raw-client/0",
     volunteer="mallory",
     token=None,
-    node_id=None,
-    node_secret=None,
+    public_key=public_key_string(MALLORY_KEY.public_key()),
     projects=["gate"],
     slots=1,
     leases=[],
@@ -128,7 +133,7 @@ def test_malformed_frames_get_an_error_and_the_hub_keeps_serving(
         assert isinstance(last, Error), f"{name}: {messages}"
         assert last.code == ErrorCode.PROTOCOL, f"{name}: {last}"
         assert fragment in last.message, f"{name}: {fragment!r} not in {last.message!r}"
-        assert all(isinstance(m, Welcome) for m in before), f"{name}: {messages}"
+        assert all(isinstance(m, Challenge) for m in before), f"{name}: {messages}"
 
     # A peer that hangs up in the middle of a frame costs the hub nothing.
     host, _, port = hub.addr.rpartition(":")
@@ -141,6 +146,10 @@ def test_malformed_frames_get_an_error_and_the_hub_keeps_serving(
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         decoder = FrameDecoder()
         sock.sendall(frame(HELLO))
+        challenge = read_messages(sock, decoder, Challenge)[-1]
+        assert isinstance(challenge, Challenge)
+        claim = Claim(HELLO.volunteer, HELLO.public_key, HELLO.token)
+        sock.sendall(frame(Proof(signature=sign_proof(MALLORY_KEY, challenge.nonce, claim))))
         assert isinstance(read_messages(sock, decoder, Welcome)[-1], Welcome)
         forged = dataclasses.replace(RESULT, lease=leases[0], result="forged")
         sock.sendall(frame(forged))

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
 from hub.changes import TaskFinished
@@ -15,11 +16,25 @@ from hub.events import (
 from hub.lifecycle import TaskState
 from hub.models import Base, Lease, Task, Volunteer
 from hub.store import Store, TaskEntry
+from issc.keys import public_key_string
 from issc.manifest import Limits, Manifest
+from issc.nodeauth import node_id_for
 
 OWNER = "ed25519:" + "A" * 43 + "="
 OTHER_OWNER = "ed25519:" + "B" * 43 + "="
 T0 = 1_800_000_000.0  # 2027-01-15, a fixed "now"
+
+
+def node_key(seed: int) -> str:
+    """A fixed node public key: the private key is 32 bytes of ``seed`` (tests only)."""
+    private = Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32)
+    return public_key_string(private.public_key())
+
+
+# Three nodes with fixed keys; their ids follow from the keys, as on the wire.
+KEY1, KEY2, KEY3 = node_key(1), node_key(2), node_key(3)
+N1, N2, N3 = node_id_for(KEY1), node_id_for(KEY2), node_id_for(KEY3)
+KEY_OF = {N1: KEY1, N2: KEY2, N3: KEY3}
 
 
 def manifest(name: str = "primes", version: int = 1, owner: str = OWNER) -> Manifest:

@@ -10,6 +10,10 @@ import json
 import pytest
 from sqlalchemy import select
 from storekit import (
+    KEY1,
+    KEY2,
+    N1,
+    N2,
     T0,
     add,
     dump,
@@ -34,7 +38,6 @@ from hub.scheduler import (
 from hub.store import Store
 from issc.errors import StoreError
 
-N1, N2 = "n-00000001", "n-00000002"
 NA, TA, A, C, F = TaskState.NA, TaskState.TA, TaskState.A, TaskState.C, TaskState.F
 
 
@@ -59,8 +62,8 @@ class World:
     def __init__(self, store: Store) -> None:
         self.primes, _ = register(store, "primes")
         self.mandel, _ = register(store, "mandel", owner="ed25519:" + "C" * 43 + "=")
-        assert store.enroll_node("alice", N1, None, True, "a:1", 4, T0)[0] == N1
-        assert store.enroll_node("bob", N2, None, True, "b:1", 4, T0)[0] == N2
+        assert store.enroll_node("alice", KEY1, None, True, "a:1", 4, T0) == N1
+        assert store.enroll_node("bob", KEY2, None, True, "b:1", 4, T0) == N2
         pks = add(store, "primes", [f"t{i}" for i in range(8)])
         self.m = add(store, "mandel", ["m0", "m1"])
         self.t = dict(enumerate(pks))
@@ -75,7 +78,7 @@ class World:
             *offer(3, t[2], N1, T0 + 1),
             *accept(3, t[2], N1, T0 + 2),
             LeaseEnded(3, "completed", None, T0 + 9),
-            finished(t[2], 3, result={"x": [1, 2.5, "z"]}, cpu=2.0, at=T0 + 9),
+            finished(t[2], 3, node=N1, result={"x": [1, 2.5, "z"]}, cpu=2.0, at=T0 + 9),
             # t3: lost on n2 -> back to NA with one attempt spent (a retry, ended at +8)
             *offer(4, t[3], N2, T0 + 1),
             *accept(4, t[3], N2, T0 + 2),
@@ -204,7 +207,7 @@ def test_finished_tasks_rows_results_and_credit(store: Store) -> None:
 
 def test_credit_adds_up_within_and_across_batches(store: Store) -> None:
     register(store)
-    store.enroll_node("alice", N1, None, True, "a:1", 4, T0)
+    store.enroll_node("alice", KEY1, None, True, "a:1", 4, T0)
     pks = add(store, "primes", ["a", "b", "c"])
     store.apply(
         [

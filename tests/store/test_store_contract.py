@@ -6,14 +6,21 @@ test_store_apply.py, the scheduler on top of the store in test_store_restart.py.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
+import re
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from sqlalchemy import BigInteger, select, text
+from sqlalchemy import BigInteger, select, text, update
 from storekit import (
+    KEY1,
+    KEY2,
+    KEY3,
+    N1,
+    N2,
     OTHER_OWNER,
     OWNER,
     T0,
@@ -29,9 +36,11 @@ from storekit import (
 
 from hub.changes import LeaseAccepted, LeaseEnded, LeaseOffered, TaskUpdated
 from hub.lifecycle import TaskState
-from hub.models import Node, OutboxFile, Volunteer
+from hub.models import EnrollmentToken, Node, OutboxFile, Volunteer
 from hub.store import AsyncStore, Store, make_engine
-from issc.errors import StoreError, TaskFileError
+from hub.store_enroll import hash_token
+from issc.errors import AuthError, StoreError, TaskFileError
+from issc.nodeauth import node_id_for
 
 # ---- schema ---------------------------------------------------------------------------
 
@@ -272,10 +281,20 @@ def test_offer_payloads_of_some_keys(store: Store) -> None:
 # ---- volunteers and nodes -------------------------------------------------------------
 
 
+def enrolled_tokens(store: Store) -> list[tuple[str, float | None, str | None]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                EnrollmentToken.token_hash, EnrollmentToken.used_at, EnrollmentToken.used_by
+            ).order_by(EnrollmentToken.created_at, EnrollmentToken.token_hash)
+        ).all()
+    return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
 def test_open_registration_enrolls_a_volunteer_and_a_node(store: Store) -> None:
-    node_id, secret = store.enroll_node("alice", None, None, True, "10.0.0.5:4000", 4, T0)
-    assert node_id.startswith("n-") and len(node_id) == 10
-    assert len(secret) >= 32
+    node_id = store.enroll_node("alice", KEY1, None, True, "10.0.0.5:4000", 4, T0)
+    assert node_id == N1 == node_id_for(KEY1)
+    assert re.fullmatch(r"n-[0-9a-f]{8}", node_id)
     vol = volunteer_row(store, "alice")
     assert (vol["credit"], vol["tasks_completed"]) == (0.0, 0)
     assert store.node_rows([node_id]) == {
@@ -283,14 +302,14 @@ def test_open_registration_enrolls_a_volunteer_and_a_node(store: Store) -> None:
     }
     assert store.load_snapshot().node_volunteers == {node_id: "alice"}
     with store.engine.connect() as conn:
-        stored = conn.execute(select(Node.secret_hash)).scalar_one()
-    assert secret not in stored  # only a hash of the secret is kept
+        assert conn.execute(select(Node.public_key)).scalar_one() == KEY1
 
 
-def test_a_returning_node_with_its_secret(store: Store) -> None:
-    node_id, secret = store.enroll_node("alice", None, None, True, "a:1", 2, T0)
-    again = store.enroll_node("alice", node_id, secret, False, "b:2", 8, T0 + 60)
-    assert again == (node_id, secret)
+def test_a_returning_node_is_known_by_its_key(store: Store) -> None:
+    node_id = store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0)
+    # Under closed registration too, and without a token: the key is enrolled already.
+    again = store.enroll_node("alice", KEY1, None, False, "b:2", 8, T0 + 60)
+    assert again == node_id
     assert store.node_rows([node_id])[node_id] == {
         "volunteer": "alice",
         "address": "b:2",
@@ -301,44 +320,143 @@ def test_a_returning_node_with_its_secret(store: Store) -> None:
     assert tuple(seen) == (T0, T0 + 60)
 
 
-@pytest.mark.parametrize("secret", ["wrong", None])
-def test_a_node_with_a_wrong_or_no_secret_is_refused(store: Store, secret: str | None) -> None:
-    node_id, _ = store.enroll_node("alice", None, None, True, "a:1", 2, T0)
+def test_a_known_key_for_another_volunteer_is_refused(store: Store) -> None:
+    store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0)
     before = dump(store)
-    with pytest.raises(StoreError, match="wrong node secret"):
-        store.enroll_node("alice", node_id, secret, True, "evil:1", 64, T0 + 1)
-    assert dump(store) == before
-
-
-def test_a_node_of_another_volunteer_is_refused(store: Store) -> None:
-    node_id, secret = store.enroll_node("alice", None, None, True, "a:1", 2, T0)
-    before = dump(store)
-    with pytest.raises(StoreError, match="belongs to another volunteer"):
-        store.enroll_node("mallory", node_id, secret, True, "a:1", 2, T0 + 1)
+    with pytest.raises(AuthError, match=f"node {N1} is enrolled for volunteer 'alice', not"):
+        store.enroll_node("mallory", KEY1, None, True, "a:1", 2, T0 + 1)
     # Nothing of the refused attempt stays, not even the volunteer it would have created.
     assert dump(store) == before
     with store.engine.connect() as conn:
         assert conn.execute(select(Volunteer.name)).scalars().all() == ["alice"]
 
 
+def test_a_known_key_for_another_existing_volunteer_is_refused(store: Store) -> None:
+    store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0)
+    store.enroll_node("bob", KEY2, None, True, "b:1", 2, T0)
+    with pytest.raises(AuthError, match="enrolled for volunteer 'alice', not 'bob'"):
+        store.enroll_node("bob", KEY1, None, True, "a:1", 2, T0 + 1)
+    assert store.load_snapshot().node_volunteers == {N1: "alice", N2: "bob"}
+
+
+def test_an_id_taken_by_another_key_is_refused(store: Store) -> None:
+    # Two keys whose ids collide cannot be found in a test; plant the row instead.
+    store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0)
+    with store.engine.begin() as conn:
+        conn.execute(update(Node).where(Node.id == N1).values(public_key=KEY3))
+    with pytest.raises(AuthError, match=f"node id {N1} already belongs to another key"):
+        store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0 + 1)
+
+
+def test_a_malformed_key_is_refused(store: Store) -> None:
+    with pytest.raises(AuthError, match="public key is not valid"):
+        store.enroll_node("alice", "ed25519:short", None, True, "a:1", 2, T0)
+    assert dump(store)["nodes"] == []
+
+
 def test_closed_registration_refuses_an_unknown_volunteer(store: Store) -> None:
-    with pytest.raises(StoreError, match="unknown volunteer 'bob' and registration is closed"):
-        store.enroll_node("bob", None, None, False, "a:1", 2, T0)
+    with pytest.raises(
+        AuthError,
+        match=r"volunteer 'bob' is unknown and registration is closed: .*volunteer add bob",
+    ):
+        store.enroll_node("bob", KEY1, None, False, "a:1", 2, T0)
     assert dump(store)["volunteers"] == []
 
 
-def test_closed_registration_lets_a_known_volunteer_add_a_node(store: Store) -> None:
-    first, _ = store.enroll_node("alice", None, None, True, "a:1", 2, T0)
-    second, _ = store.enroll_node("alice", None, None, False, "b:1", 2, T0)
-    assert first != second
-    assert set(store.node_rows([first, second])) == {first, second}
+def test_closed_registration_refuses_an_unknown_volunteer_with_any_token(store: Store) -> None:
+    token = store.issue_token("alice", T0)
+    with pytest.raises(AuthError, match="volunteer 'bob' is unknown"):
+        store.enroll_node("bob", KEY1, token, False, "a:1", 2, T0)
+    assert enrolled_tokens(store)[0][1:] == (None, None)  # alice's token is not touched
 
 
-def test_a_node_that_names_an_unknown_id_is_enrolled_under_it(store: Store) -> None:
-    node_id, secret = store.enroll_node("alice", "n-0badc0de", "stale", True, "a:1", 2, T0)
-    assert node_id == "n-0badc0de"
-    assert secret != "stale"
-    assert store.enroll_node("alice", node_id, secret, True, "a:1", 2, T0) == (node_id, secret)
+def test_closed_registration_needs_a_token_for_a_new_node(store: Store) -> None:
+    store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0)  # alice exists, with a node
+    before = dump(store)
+    with pytest.raises(AuthError, match=r"registration is closed: a new node .* needs an"):
+        store.enroll_node("alice", KEY2, None, False, "b:1", 2, T0)
+    assert dump(store) == before
+
+
+def test_closed_registration_enrolls_with_a_token_once(store: Store) -> None:
+    token = store.issue_token("alice", T0)
+    assert store.enroll_node("alice", KEY1, token, False, "a:1", 2, T0 + 5) == N1
+    assert enrolled_tokens(store) == [(hash_token(token), T0 + 5, N1)]
+    # The same node again: known by its key, the used token in its config is ignored.
+    assert store.enroll_node("alice", KEY1, token, False, "a:1", 2, T0 + 6) == N1
+    # Another machine with the same token: refused, naming the node that used it.
+    before = dump(store)
+    with pytest.raises(AuthError, match=f"already used by node {N1}; a token enrolls one node"):
+        store.enroll_node("alice", KEY2, token, False, "b:1", 2, T0 + 7)
+    assert dump(store) == before
+
+
+def test_each_machine_of_a_volunteer_gets_its_own_token(store: Store) -> None:
+    first, second = store.issue_token("alice", T0), store.issue_token("alice", T0 + 1)
+    assert store.enroll_node("alice", KEY2, second, False, "b:1", 2, T0 + 2) == N2
+    assert store.enroll_node("alice", KEY1, first, False, "a:1", 2, T0 + 3) == N1
+    used = {used_by: used_at for _, used_at, used_by in enrolled_tokens(store)}
+    assert used == {N1: T0 + 3, N2: T0 + 2}
+    assert store.load_snapshot().node_volunteers == {N1: "alice", N2: "alice"}
+
+
+def test_a_token_of_another_volunteer_is_refused(store: Store) -> None:
+    store.issue_token("bob", T0)
+    alices = store.issue_token("alice", T0)
+    with pytest.raises(AuthError, match="not a token of volunteer 'bob'"):
+        store.enroll_node("bob", KEY1, alices, False, "a:1", 2, T0)
+    with pytest.raises(AuthError, match="not a token of volunteer 'bob'"):
+        store.enroll_node("bob", KEY1, "issc-made-up", False, "a:1", 2, T0)
+    assert [used_by for _, _, used_by in enrolled_tokens(store)] == [None, None]
+
+
+def test_only_the_hash_of_a_token_is_stored(store: Store) -> None:
+    token = store.issue_token("alice", T0)
+    assert token.startswith("issc-") and len(token) >= 32
+    stored = enrolled_tokens(store)
+    assert stored == [(hashlib.sha256(token.encode()).hexdigest(), None, None)]
+    flat = repr(dump(store))
+    assert token not in flat and token.removeprefix("issc-") not in flat
+
+
+def test_tokens_are_compared_in_constant_time_with_every_hash(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = [store.issue_token("alice", T0 + i) for i in range(3)]
+    compared: list[tuple[str, str]] = []
+    real = hmac.compare_digest
+
+    def spy(a: str, b: str) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    store.enroll_node("alice", KEY1, tokens[0], False, "a:1", 2, T0)
+    # Every one of alice's hashes was compared, the match first or not: no early exit.
+    assert sorted(stored for stored, _ in compared) == sorted(hash_token(t) for t in tokens)
+    assert {given for _, given in compared} == {hash_token(tokens[0])}
+
+
+def test_open_registration_needs_no_token(store: Store) -> None:
+    store.issue_token("alice", T0)
+    assert store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0) == N1
+    assert store.enroll_node("bob", KEY2, None, True, "b:1", 2, T0) == N2
+    assert [used_by for _, _, used_by in enrolled_tokens(store)] == [None]
+
+
+def test_open_registration_still_checks_and_uses_a_given_token(store: Store) -> None:
+    token = store.issue_token("alice", T0)
+    with pytest.raises(AuthError, match="not a token of volunteer 'alice'"):
+        store.enroll_node("alice", KEY1, "issc-typo", True, "a:1", 2, T0)
+    assert store.enroll_node("alice", KEY1, token, True, "a:1", 2, T0 + 1) == N1
+    assert enrolled_tokens(store)[0][1:] == (T0 + 1, N1)
+    with pytest.raises(AuthError, match=r"or remove token: from node\.yaml"):
+        store.enroll_node("alice", KEY2, token, True, "b:1", 2, T0 + 2)
+    # An unknown volunteer with a token: the token cannot be one of its own; nothing made.
+    with pytest.raises(AuthError, match="not a token of volunteer 'carol'"):
+        store.enroll_node("carol", KEY3, token, True, "c:1", 2, T0 + 3)
+    with store.engine.connect() as conn:
+        assert sorted(conn.execute(select(Volunteer.name)).scalars()) == ["alice"]
 
 
 # ---- outbox bookkeeping ----------------------------------------------------------------
@@ -513,3 +631,10 @@ def test_store_files_live_where_the_url_says(tmp_path: Path) -> None:
     s.create_schema()
     s.close()
     assert os.path.getsize(tmp_path / "sub.db") > 0
+
+
+def test_a_nodes_project_list_is_remembered_and_replaced_on_reconnect(store: Store) -> None:
+    store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0, ("primes", "mandelbrot"))
+    store.enroll_node("alice", KEY1, None, True, "a:1", 2, T0 + 5, ("wordfreq",))
+    with store.engine.connect() as conn:
+        assert conn.execute(select(Node.projects)).scalar_one() == '["wordfreq"]'

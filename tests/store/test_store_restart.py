@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from storekit import OTHER_OWNER, T0, add, register, task_row
+from storekit import KEY_OF, N1, N2, N3, OTHER_OWNER, T0, add, register, task_row
 
 from hub.changes import LeaseAccepted, LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
 from hub.events import (
@@ -42,7 +42,6 @@ from hub.store import Store
 
 CHANGES = (LeaseOffered, LeaseAccepted, LeaseEnded, TaskUpdated, TaskFinished)
 SETTINGS = Settings(max_attempts=3, offer_timeout=60.0, lease_window=15.0)
-N1, N2, N3 = "n-00000001", "n-00000002", "n-00000003"
 VOLUNTEERS = {N1: "alice", N2: "bob", N3: "carol"}
 
 
@@ -117,7 +116,7 @@ def primes(store: Store) -> Iterator[list[int]]:
     """Project primes with tasks a..h, and three enrolled nodes."""
     register(store)
     for node, volunteer in VOLUNTEERS.items():
-        store.enroll_node(volunteer, node, None, True, "x:1", 4, T0)
+        store.enroll_node(volunteer, KEY_OF[node], None, True, "x:1", 4, T0)
     yield add(store, "primes", list("abcdefgh"))
 
 
@@ -379,7 +378,7 @@ def test_random_traffic_with_restarts_loses_nothing(store: Store, seed: int) -> 
     register(store, "primes")
     register(store, "mandel", owner=OTHER_OWNER)
     for node, volunteer in VOLUNTEERS.items():
-        store.enroll_node(volunteer, node, None, True, "x:1", 4, T0)
+        store.enroll_node(volunteer, KEY_OF[node], None, True, "x:1", 4, T0)
     tasks = {
         "primes": add(store, "primes", [f"p{i}" for i in range(12)]),
         "mandel": add(store, "mandel", [f"m{i}" for i in range(8)]),

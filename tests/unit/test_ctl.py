@@ -8,6 +8,7 @@ command it has no canned reply for.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import socket
@@ -601,3 +602,197 @@ def test_default_socket_is_issc_data_in_the_current_directory(
     finally:
         fake.stop()
     assert (status, json.loads(out)) == (0, STATUS)
+
+
+# ---- the admin commands of a hub that offers them ---------------------------------------
+
+WATCH = {
+    "at": "2026-11-28T07:00:05Z",
+    "nodes": {"connected": 2},
+    "tasks": {"NA": 12, "TA": 1, "A": 3, "C": 70, "F": 2, "X": 0},
+    "tasks_per_second": 3.25,
+    "projects": PROJECTS,
+}
+
+
+def test_task_human_form_shows_the_lease_history(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.answer(
+        "task",
+        {
+            "id": "r-17",
+            "state": "A",
+            "node": "n-77bc0e",
+            "attempts": 2,
+            "error": None,
+            "history": [
+                {
+                    "lease": 3,
+                    "node": "n-3f2a",
+                    "offered_at": "2026-11-28T07:00:00Z",
+                    "accepted_at": "2026-11-28T07:00:01Z",
+                    "ended_at": "2026-11-28T07:00:09Z",
+                    "outcome": "lost",
+                    "detail": "no heartbeat for 1.6 s",
+                },
+                {
+                    "lease": 9,
+                    "node": "n-77bc0e",
+                    "offered_at": "2026-11-28T07:00:10Z",
+                    "accepted_at": "2026-11-28T07:00:10Z",
+                    "ended_at": None,
+                    "outcome": None,
+                    "detail": None,
+                },
+            ],
+        },
+    )
+    status, out, _ = run(capsys, "--socket", str(hub.path), "task", "primes", "r-17")
+    assert status == 0
+    assert out.splitlines() == [
+        "task r-17: A, 2 attempt(s), node n-77bc0e",
+        "LEASE  NODE      OFFERED   ACCEPTED  ENDED     OUTCOME  DETAIL",
+        "    3  n-3f2a    07:00:00  07:00:01  07:00:09  lost     no heartbeat for 1.6 s",
+        "    9  n-77bc0e  07:00:10  07:00:10  -         live",
+    ]
+
+
+def test_volunteers_table_shows_nodes_and_projects_where_the_hub_sends_them(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.answer(
+        "volunteers",
+        [
+            {
+                "volunteer": "alice",
+                "credit": 12.5,
+                "tasks_completed": 40,
+                "nodes": 2,
+                "connected": 1,
+                "projects": ["mandelbrot", "primes"],
+            },
+            {
+                "volunteer": "bob",
+                "credit": 0.0,
+                "tasks_completed": 0,
+                "nodes": 0,
+                "connected": 0,
+                "projects": [],
+            },
+        ],
+    )
+    status, out, _ = run(capsys, "--socket", str(hub.path), "volunteers")
+    assert status == 0
+    assert out.splitlines() == [
+        "VOLUNTEER  CREDIT  TASKS COMPLETED  NODES  CONNECTED  PROJECTS",
+        "alice       12.50               40      2          1  mandelbrot,primes",
+        "bob          0.00                0      0          0  -",
+    ]
+
+
+def test_volunteer_export_prints_one_json_document_either_way(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = {"volunteer": "bob", "credit": 1.5, "nodes": [], "tasks": [], "leases": []}
+    hub.answer("volunteer_export", document)
+    for flags in ([], ["--json"]):
+        status, out, _ = run(
+            capsys, "--socket", str(hub.path), *flags, "volunteer", "export", "bob"
+        )
+        assert status == 0
+        assert json.loads(out) == document
+
+
+@pytest.mark.parametrize(
+    ("action", "word"), [("pause", "paused"), ("resume", "resumed"), ("cancel", "cancelled")]
+)
+def test_project_actions_say_what_happened_with_the_counts_after_it(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str], action: str, word: str
+) -> None:
+    hub.answer(f"project_{action}", {**PROJECTS[1], "paused": action == "pause"})
+    status, out, _ = run(capsys, "--socket", str(hub.path), "project", action, "primes")
+    assert status == 0
+    assert out == f"project primes {word}: NA 2  TA 1  A 3  C 10  F 2  X 0\n"
+    assert hub.requests == [{"command": f"project_{action}", "args": {"project": "primes"}}]
+
+
+def test_changes_wait_longer_for_the_hub_than_reads(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[float] = []
+
+    def fake_request(path: Any, command: str, args: Any = None, *, timeout: float) -> Any:
+        seen.append(timeout)
+        return PROJECTS[1] if command.startswith("project_") else STATUS
+
+    monkeypatch.setattr(ctl, "request", fake_request)
+    run(capsys, "--socket", str(hub.path), "status")
+    run(capsys, "--socket", str(hub.path), "project", "cancel", "primes")
+    assert seen == [ctl.TIMEOUT, ctl.LONG_TIMEOUT]
+
+
+def test_a_refusal_by_the_hub_exits_3_and_says_who_may_ask(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refusal = "permission denied: uid 65534 may not use this hub's control socket (only root)"
+    hub.replies["status"] = {"ok": False, "error": refusal}
+    status, out, err = run(capsys, "--socket", str(hub.path), "status")
+    assert (status, out) == (3, "")
+    assert err == (
+        f"issc-ctl: status: the hub at {hub.path} refused the connection: {refusal}; "
+        "run issc-ctl as the user that runs issc-hub (or as root)\n"
+    )
+
+
+def test_watch_json_prints_one_snapshot_and_exits(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.answer("watch", WATCH)
+    status, out, _ = run(capsys, "--socket", str(hub.path), "--json", "watch")
+    assert status == 0
+    assert json.loads(out) == WATCH
+    assert hub.requests == [{"command": "watch", "args": {}}]
+
+
+def test_watch_frame_has_a_bar_per_project() -> None:
+    assert ctl.watch_frame(WATCH) == [
+        "2 nodes connected, 3.2 tasks/s  (hub time 07:00:05, Ctrl-C to stop)",
+        "PROJECT     PROGRESS                          DONE   C  F  X",
+        "mandelbrot  [##################......]  75%  30/40  30  0  0  paused",
+        "primes      [################........]  66%  12/18  10  2  0",
+    ]
+    empty = {**WATCH, "projects": []}
+    assert ctl.watch_frame(empty)[1:] == ["no projects"]
+
+
+def test_watch_line_for_a_pipe() -> None:
+    assert ctl.watch_line(WATCH) == (
+        "07:00:05  nodes 2  3.2 tasks/s  mandelbrot 30/40 (C 30 F 0 X 0) paused"
+        "  primes 12/18 (C 10 F 2 X 0)"
+    )
+
+
+def test_watch_prints_a_line_per_poll_into_a_pipe(hub: FakeHub) -> None:
+    hub.answer("watch", WATCH)
+    out = io.StringIO()
+    ctl.watch(hub.path, out, tty=False, polls=3, interval=0)
+    assert out.getvalue() == (ctl.watch_line(WATCH) + "\n") * 3
+    assert [r["command"] for r in hub.requests] == ["watch"] * 3
+
+
+def test_watch_redraws_in_place_on_a_terminal(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.answer("watch", WATCH)
+    monkeypatch.setattr(ctl.shutil, "get_terminal_size", lambda: os.terminal_size((60, 24)))
+    out = io.StringIO()
+    ctl.watch(hub.path, out, tty=True, polls=2, interval=0)
+    frame = "\n".join(line[:59] for line in ctl.watch_frame(WATCH)) + "\n"
+    # Cursor hidden; the first frame drawn; back up over its 4 lines for the second.
+    assert out.getvalue() == "\x1b[?25l" + "\x1b[J" + frame + "\x1b[4F\x1b[J" + frame + "\x1b[?25h"
+
+
+def test_watch_stops_on_the_first_failed_poll(short_dir: Path) -> None:
+    with pytest.raises(HubUnreachable, match="no hub control socket"):
+        ctl.watch(short_dir / "nothing.sock", io.StringIO(), tty=False, polls=2, interval=0)

@@ -22,12 +22,14 @@ import yaml
 from issc.bundle import pack_bundle
 from issc.config import load_node_config
 from issc.keys import generate_key
+from issc.nodeauth import Claim, new_nonce, node_id_for, verify_proof
 from issc.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
     Accept,
     BundleChunk,
     Cancel,
+    Challenge,
     Connection,
     FetchBundle,
     FetchFile,
@@ -37,6 +39,7 @@ from issc.protocol import (
     Hello,
     Message,
     Offer,
+    Proof,
     Ready,
     Result,
     ResultAck,
@@ -91,11 +94,15 @@ class HubSide:
 
     async def handshake(self, resumed: list[int]) -> Hello:
         hello = await self.expect(Hello)
+        nonce = new_nonce()
+        self.send(Challenge(nonce=nonce))
+        proof = await self.expect(Proof)
+        claim = Claim(hello.volunteer, hello.public_key, hello.token)
+        verify_proof(nonce, claim, proof.signature)
         self.send(
             Welcome(
                 protocol=PROTOCOL_VERSION,
-                node_id="n-0000abcd",
-                node_secret="secret",
+                node_id=node_id_for(hello.public_key),
                 heartbeat_interval=30.0,
                 heartbeat_misses=3,
                 max_frame_size=4 * 1024 * 1024,

@@ -30,6 +30,7 @@ from issc.protocol import (
     BundleChunk,
     BundleRefused,
     Cancel,
+    Challenge,
     Closed,
     Connection,
     Decline,
@@ -46,6 +47,7 @@ from issc.protocol import (
     Message,
     NeedData,
     Offer,
+    Proof,
     Ready,
     Result,
     ResultAck,
@@ -71,16 +73,16 @@ HELLO = Hello(
     software="issc-node/0.1.0",
     volunteer="alice",
     token=None,
-    node_id="n-3f2a",
-    node_secret="s3cret",
+    public_key="ed25519:" + "A" * 43 + "=",
     projects=["primes", "pi"],
     slots=2,
     leases=[7, 9],
 )
+CHALLENGE = Challenge(nonce=bytes(range(32)))
+PROOF = Proof(signature=b"\x01" * 64)
 WELCOME = Welcome(
     protocol=PROTOCOL_VERSION,
-    node_id="n-3f2a",
-    node_secret="s3cret",
+    node_id="n-3f2a0b1c",
     heartbeat_interval=5.0,
     heartbeat_misses=3,
     max_frame_size=4 * 1024 * 1024,
@@ -127,6 +129,7 @@ OFFER = Offer(
 # is added without one.
 SAMPLES: dict[str, Message] = {
     "hello": HELLO,
+    "proof": PROOF,
     "heartbeat": Heartbeat(running=[7, 9]),
     "ready": Ready(free=2),
     "accept": Accept(leases=[11, 12]),
@@ -139,6 +142,7 @@ SAMPLES: dict[str, Message] = {
     "upload": Upload(lease=7, name="out.png", sha256=DIGEST, size=10, offset=4, data=b"abcdef"),
     "result": RESULT,
     "goodbye": Goodbye(reason="volunteer stopped the node"),
+    "challenge": CHALLENGE,
     "welcome": WELCOME,
     "offer": OFFER,
     "cancel": Cancel(leases=[9], reason="task cancelled by owner"),
@@ -173,20 +177,25 @@ class ConnectionPair:
 
     def handshake(self) -> None:
         assert self.send(Role.NODE, HELLO) == [HELLO, NEED_DATA]
+        assert self.send(Role.HUB, CHALLENGE) == [CHALLENGE, NEED_DATA]
+        assert self.send(Role.NODE, PROOF) == [PROOF, NEED_DATA]
         assert self.send(Role.HUB, WELCOME) == [WELCOME, NEED_DATA]
         assert self.hub.state is self.node.state is State.OPEN
 
     def to_state(self, state: State) -> None:
         """Drive both ends into ``state`` by legal messages."""
-        if state is State.HANDSHAKE:
-            return
-        self.send(Role.NODE, HELLO)
-        if state is State.HELLO_SENT:
-            return
-        self.send(Role.HUB, WELCOME)
-        if state is State.OPEN:
-            return
-        self.send(Role.NODE, Goodbye(reason="done"))
+        steps = [
+            (State.HELLO_SENT, Role.NODE, HELLO),
+            (State.CHALLENGED, Role.HUB, CHALLENGE),
+            (State.PROOF_SENT, Role.NODE, PROOF),
+            (State.OPEN, Role.HUB, WELCOME),
+            (State.CLOSED, Role.NODE, Goodbye(reason="done")),
+        ]
+        for reached, sender, message in steps:
+            if self.hub.state is state:
+                return
+            self.send(sender, message)
+            assert self.hub.state is self.node.state is reached
 
 
 def drain(conn: Connection) -> list[Message | NeedData | Closed]:
@@ -524,7 +533,9 @@ def _expected_illegal(sender: Role, state: State, tag: str) -> str:
 
 ALL_CASES = list(
     itertools.product(
-        [Role.HUB, Role.NODE], [State.HANDSHAKE, State.HELLO_SENT, State.OPEN], sorted(SAMPLES)
+        [Role.HUB, Role.NODE],
+        [State.HANDSHAKE, State.HELLO_SENT, State.CHALLENGED, State.PROOF_SENT, State.OPEN],
+        sorted(SAMPLES),
     )
 )
 
@@ -568,6 +579,33 @@ def test_second_hello_is_refused() -> None:
     pair.send(Role.NODE, HELLO)
     with pytest.raises(LocalProtocolError, match="HELLO_SENT"):
         pair.node.send(HELLO)
+
+
+def test_no_welcome_without_a_proof() -> None:
+    # The hub cannot skip the challenge, nor welcome a node that has not answered it.
+    pair = ConnectionPair()
+    pair.send(Role.NODE, HELLO)
+    with pytest.raises(LocalProtocolError, match="hub may not send 'welcome' in state HELLO_SENT"):
+        pair.hub.send(WELCOME)
+    pair.send(Role.HUB, CHALLENGE)
+    with pytest.raises(LocalProtocolError, match="hub may not send 'welcome' in state CHALLENGED"):
+        pair.hub.send(WELCOME)
+
+
+def test_proof_before_the_challenge_is_refused() -> None:
+    pair = ConnectionPair()
+    pair.send(Role.NODE, HELLO)
+    pair.hub.receive_data(encode_frame(encode_message(PROOF)))
+    with pytest.raises(RemoteProtocolError, match="node may not send 'proof' in state HELLO_SENT"):
+        pair.hub.next_event()
+
+
+def test_hub_may_refuse_a_proof_with_auth() -> None:
+    pair = ConnectionPair()
+    pair.to_state(State.PROOF_SENT)
+    refusal = Error(code=ErrorCode.AUTH, message="the proof does not verify")
+    assert pair.send(Role.HUB, refusal) == [refusal, CLOSED]
+    assert pair.hub.state is pair.node.state is State.CLOSED
 
 
 def test_hub_may_refuse_before_hello() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from hub.changes import LeaseEnded, LeaseOffered, TaskFinished, TaskUpdated
+from hub.changes import LeaseEnded, LeaseOffered, ProjectPauseChanged, TaskFinished, TaskUpdated
 from hub.events import (
     BundleRefused,
     Disconnect,
@@ -16,7 +16,10 @@ from hub.events import (
     NodeJoined,
     NodeLeft,
     OffersAccepted,
+    ProjectCancelled,
     ProjectInfo,
+    ProjectPaused,
+    ProjectResumed,
     ProjectUpdated,
     ResultReceived,
     SendCancel,
@@ -137,12 +140,12 @@ def test_only_projects_the_volunteer_chose_are_offered() -> None:
 
 def test_paused_project_and_project_without_bundle_are_not_offered() -> None:
     w = World(tasks=2)
-    w.handle(ProjectUpdated(ProjectInfo(1, "primes", 1, "d1", 100, paused=True)))
+    w.handle(ProjectPaused("primes", w.now))
     w.join("n1")
     assert offered(w.ready("n1", 2)) == []
-    w.handle(ProjectUpdated(ProjectInfo(1, "primes", 1, None, 0)))
+    w.handle(ProjectResumed("primes", w.now), ProjectUpdated(ProjectInfo(1, "primes", 1, None, 0)))
     assert offered(w.ready("n1", 2)) == []
-    # The node's demand stood all along: the resumed project's tasks go out at once.
+    # The node's demand stood all along: the project's tasks go out once it has a bundle.
     assert len(offered(w.handle(ProjectUpdated(PRIMES)))) == 2
 
 
@@ -409,3 +412,135 @@ def test_credited_cpu_is_capped_by_the_projects_wall_limit() -> None:
     greedy = w.handle(ResultReceived("n1", second, True, 1, None, 86_400.0, 1.0, w.now))
     assert of(TaskFinished, honest)[0].cpu_seconds == 12.5
     assert of(TaskFinished, greedy)[0].cpu_seconds == 30.0  # a day claimed, the limit credited
+
+
+# ---- admin: pause, resume, cancel ------------------------------------------------------
+
+CANCELLED = "cancelled by admin"
+
+
+def test_pause_stops_offers_and_resume_restarts_them() -> None:
+    w = World(tasks=3)
+    w.join("n1")
+    out = w.handle(ProjectPaused("primes", w.now))
+    assert of(ProjectPauseChanged, out) == [ProjectPauseChanged(1, True)]
+    assert offered(w.ready("n1", 2)) == []
+    assert offered(w.tick(1.0)) == []
+    out = w.handle(ProjectResumed("primes", w.now))
+    assert of(ProjectPauseChanged, out) == [ProjectPauseChanged(1, False)]
+    assert len(offered(out)) == 2  # the node's standing demand is served at once
+
+
+def test_pause_lets_leases_already_out_finish() -> None:
+    w = World(tasks=2)
+    w.join("n1")
+    running, offered_only = offered(w.ready("n1", 2))
+    w.accept("n1", running)
+    out = w.handle(ProjectPaused("primes", w.now))
+    assert not of(SendCancel, out) and not of(LeaseEnded, out)
+    w.accept("n1", offered_only)  # an offer that crossed the pause still runs
+    assert of(TaskFinished, w.result("n1", running))[0].state is TaskState.C
+    assert of(TaskFinished, w.result("n1", offered_only))[0].state is TaskState.C
+
+
+def test_pausing_twice_or_an_unknown_project_changes_nothing() -> None:
+    w = World(tasks=1)
+    w.handle(ProjectPaused("primes", w.now))
+    assert w.handle(ProjectPaused("primes", w.now)) == []
+    assert w.handle(ProjectPaused("nosuch", w.now)) == []
+    assert w.handle(ProjectResumed("nosuch", w.now)) == []
+    assert w.handle(ProjectCancelled("nosuch", CANCELLED, w.now)) == []
+
+
+def test_a_new_bundle_does_not_undo_a_pause() -> None:
+    w = World(tasks=2)
+    w.join("n1")
+    w.handle(ProjectPaused("primes", w.now))
+    # The bundle's ProjectInfo was read before the pause was committed: paused=False.
+    newer = ProjectInfo(1, "primes", 2, "d1-v2", 120)
+    assert offered(w.handle(ProjectUpdated(newer), SlotsFree("n1", 2, w.now))) == []
+    assert w.s.projects[1].version == 2 and w.s.projects[1].paused
+
+
+def test_cancel_turns_na_ta_and_a_tasks_to_x_and_stops_live_leases() -> None:
+    w = World(tasks=5)
+    w.join("n1")
+    w.join("n2")
+    running, offered_only = offered(w.ready("n1", 2))  # tasks 1 (A) and 2 (TA)
+    w.accept("n1", running)
+    done, given_back = offered(w.ready("n2", 2))  # tasks 3 (then C) and 4 (back to NA)
+    w.accept("n2", done, given_back)
+    w.result("n2", done)
+    w.handle(LeasesDeclined("n2", (given_back,), "stopping", w.now))
+    assert w.task(4).state is TaskState.NA  # task 5 waits too, never offered
+
+    out = w.handle(ProjectCancelled("primes", CANCELLED, w.now))
+
+    finished = {f.task_pk: f for f in of(TaskFinished, out)}
+    assert sorted(finished) == [1, 2, 4, 5]  # task 3 was C already and stays C
+    assert {f.state for f in finished.values()} == {TaskState.X}
+    assert {f.error for f in finished.values()} == {CANCELLED}
+    assert (finished[1].lease, finished[1].node_id, finished[1].volunteer) == (
+        running,
+        "n1",
+        "vol-n1",
+    )
+    assert finished[1].attempts == 1 and finished[2].attempts == 0
+    assert (finished[5].lease, finished[5].node_id, finished[5].attempts) == (None, None, 0)
+    ended = {c.lease: c for c in of(LeaseEnded, out)}
+    assert sorted(ended) == [running, offered_only]
+    assert {(c.outcome, c.detail) for c in ended.values()} == {("cancelled", CANCELLED)}
+    assert of(SendCancel, out) == [SendCancel("n1", (running, offered_only), CANCELLED)]
+    assert not of(TaskUpdated, out) and not offered(out)
+    assert w.s.tasks == {} and w.s.leases == {} and w.s.waiting_count() == 0
+
+
+def test_nothing_is_offered_after_a_cancel_and_late_results_are_not_recorded() -> None:
+    w = World(tasks=3)
+    w.join("n1")
+    (lease,) = offered(w.ready("n1", 1))
+    w.accept("n1", lease)
+    w.handle(ProjectCancelled("primes", CANCELLED, w.now))
+    assert offered(w.ready("n1", 2)) == []
+    w.join("n2")
+    assert offered(w.ready("n2", 2)) == []
+    out = w.result("n1", lease)  # the run ended before the cancel reached the node
+    assert of(TaskFinished, out) == []
+    assert not of(SendResultAck, out)[0].accepted
+    assert w.accept("n1", lease) == []  # nor is a lease brought back by an accept
+    assert offered(w.tick(SETTINGS.offer_timeout + 1)) == []
+
+
+def test_a_task_completed_while_waiting_is_not_cancelled() -> None:
+    w = World(tasks=1)
+    w.join("n1")
+    (lease,) = offered(w.ready("n1", 1))
+    w.accept("n1", lease)
+    w.tick(SETTINGS.lease_window + 1)  # lost: back to NA, in the queue
+    w.join("n1", held=(lease,))
+    assert of(TaskFinished, w.result("n1", lease))[0].state is TaskState.C
+    assert of(TaskFinished, w.handle(ProjectCancelled("primes", CANCELLED, w.now))) == []
+
+
+def test_tasks_added_after_a_cancel_are_offered() -> None:
+    w = World(tasks=2)
+    w.join("n1")
+    w.handle(ProjectCancelled("primes", CANCELLED, w.now))
+    out = w.handle(TasksAdded(1, (10,)), SlotsFree("n1", 2, w.now))
+    assert [i.task_pk for m in of(SendOffers, out) for i in m.items] == [10]
+
+
+def test_cancel_after_restart_covers_restored_tasks_and_leases() -> None:
+    snap = Snapshot(
+        projects=[PRIMES],
+        waiting={1: [2, 3]},
+        tasks=[TaskRec(1, 1, TaskState.A, attempts=1, lease=5)],
+        leases=[LeaseRec(5, 1, "n1", True, 0.0)],
+        node_volunteers={"n1": "alice"},
+        next_lease_id=6,
+    )
+    s = Scheduler(SETTINGS, snap, now=100.0)
+    out = s.handle(ProjectCancelled("primes", CANCELLED, 101.0))
+    assert sorted(f.task_pk for f in of(TaskFinished, out)) == [1, 2, 3]
+    assert of(SendCancel, out) == [SendCancel("n1", (5,), CANCELLED)]
+    assert [f.volunteer for f in of(TaskFinished, out) if f.task_pk == 1] == ["alice"]
