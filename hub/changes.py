@@ -6,7 +6,7 @@ been committed: the runtime commits, then sends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hub.lifecycle import TaskState
@@ -43,6 +43,9 @@ class LeaseEnded:
     outcome: str
     detail: str | None
     at: float
+    # For the operator's log line only: which task and node (not stored with the lease).
+    task_pk: int = field(default=0, compare=False)
+    node_id: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)

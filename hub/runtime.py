@@ -20,7 +20,7 @@ from typing import Any
 
 from hub import events as ev
 from hub.blobs import ContentStore, UploadArea
-from hub.changes import Change, TaskFinished
+from hub.changes import Change, LeaseEnded, TaskFinished
 from hub.inbox import Inbox
 from hub.lifecycle import TaskState
 from hub.outbox import Outbox
@@ -77,6 +77,7 @@ class HubRuntime:
         self.outbox = outbox
         self.now = clock
         self.sessions: dict[str, NodeSession] = {}
+        self._volunteers: dict[str, str] = {}  # node id -> volunteer, of nodes seen this run
         self.started_at = clock()
         self._pending: list[ev.Event] = []
         self._wake = asyncio.Event()
@@ -120,6 +121,7 @@ class HubRuntime:
             log.info("node %s connected again; closing its old connection", session.node_id)
             old.close()
         self.sessions[session.node_id] = session
+        self._volunteers[session.node_id] = hello.volunteer  # for log lines after it left
         self.submit(
             ev.NodeJoined(
                 session.node_id,
@@ -134,6 +136,12 @@ class HubRuntime:
         assert session.node_id is not None
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
+            log.info(
+                "node %s of %s left (%s); its leases wait one heartbeat window",
+                session.node_id,
+                session.volunteer,
+                session.address,
+            )
             self.submit(ev.NodeLeft(session.node_id, self.now()))
 
     async def enroll(self, hello: Hello, address: str) -> str:
@@ -250,6 +258,7 @@ class HubRuntime:
             # A failure here is fatal on purpose: memory would be ahead of the database.
             await self.astore.call(self.store.apply, changes)
             self.batches += 1
+            await self._log_endings(changes)
             finished = [c for c in changes if isinstance(c, TaskFinished)]
             if finished:
                 self._export_wanted.set()
@@ -305,6 +314,41 @@ class HubRuntime:
                 batch, size = [], 0
         if batch:
             session.send(Offer(tasks=batch))
+
+    async def _log_endings(self, changes: Sequence[Change]) -> None:
+        """One log line per lease that ended other than by its result, and per failed task.
+
+        These are the events an operator looks for (a node lost, a bundle refused, a task
+        given up on); completions are counted in `issc-ctl status`, not logged one by one.
+        """
+        ended = [c for c in changes if isinstance(c, LeaseEnded) and c.outcome != "completed"]
+        failed = [c for c in changes if isinstance(c, TaskFinished) and c.state is TaskState.F]
+        if not ended and not failed:
+            return
+        pks = [c.task_pk for c in ended] + [c.task_pk for c in failed]
+        names = await self.astore.call(self.store.task_names, pks)
+        for c in ended:
+            log.info(
+                "lease %d of task %s on node %s (volunteer %s) ended: %s%s",
+                c.lease,
+                names.get(c.task_pk, c.task_pk),
+                c.node_id,
+                self._volunteer_of(c.node_id),
+                c.outcome,
+                f": {c.detail}" if c.detail else "",
+            )
+        for done in failed:
+            log.warning(
+                "task %s failed after %d attempt(s) (last node %s, volunteer %s): %s",
+                names.get(done.task_pk, done.task_pk),
+                done.attempts,
+                done.node_id,
+                done.volunteer,
+                done.error,
+            )
+
+    def _volunteer_of(self, node_id: str) -> str:
+        return self._volunteers.get(node_id, "?")
 
     def _discard_uploads(self, finished: Sequence[TaskFinished]) -> None:
         """Partial uploads of leases that can no longer deliver a result are deleted."""

@@ -363,7 +363,7 @@ class Scheduler:
         task.past_leases.append(lease_id)
         if task.lease == lease_id:
             task.lease = None
-        self._out.append(LeaseEnded(lease_id, outcome, detail, now))
+        self._out.append(LeaseEnded(lease_id, outcome, detail, now, lease.task_pk, lease.node_id))
         return lease
 
     def _end_lease(self, lease_id: int, outcome: str, detail: str | None, now: float) -> None:

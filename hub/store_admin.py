@@ -116,6 +116,16 @@ class AdminStore(StoreBase):
             )
             return [dict(row._mapping) for row in rows]
 
+    def task_names(self, pks: Sequence[int]) -> dict[int, str]:
+        """task key -> "project/task id", for log lines."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(Task.id, Project.name, Task.name)
+                .join(Project, Project.id == Task.project_id)
+                .where(Task.id.in_(list(pks)))
+            )
+            return {pk: f"{project}/{name}" for pk, project, name in rows}
+
     def node_rows(self, node_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(

@@ -155,6 +155,13 @@ def test_killed_node_task_goes_back_and_completes_elsewhere(
     # The kernel kills the task with its node (PR_SET_PDEATHSIG): nothing runs on unwatched.
     wait_until(lambda: not pid_alive(run.pid), timeout=5, what="the task to die with its node")
     assert lost["outcome"] == "lost" and lost["node"] == victim_id
+    # The operator's log names the task, the node and the volunteer, and says why.
+    wait_until(
+        lambda: f"of task gate/t-1 on node {victim_id} (volunteer alice) ended: lost"
+        in hub.log_text(),
+        timeout=5,
+        what="the hub's log line for the lost lease",
+    )
     # The dropped connection alone does not end the lease (the node may come back and
     # resume it); the missed heartbeats do.
     assert LOSS_EARLIEST <= lost_after <= LEASE_WINDOW + LOSS_MARGIN
