@@ -352,6 +352,9 @@ def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
             pytest.skip(f"the user nobody cannot run this venv's issc-ctl: {exc}")
     if done.returncode in (126, 127) or "ModuleNotFoundError" in done.stderr:
         pytest.skip(f"the user nobody cannot run this venv's issc-ctl: {done.stderr.strip()}")
+    if "can't open file" in done.stderr or "Permission denied: '" in done.stderr:
+        # The checkout lies under a directory nobody may enter (a 0700 temp dir, /root).
+        pytest.skip(f"the user nobody cannot reach this checkout: {done.stderr.strip()[:200]}")
     return done
 
 
