@@ -29,25 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from cluster import BenchError, Cluster, machine, terminate_as_interrupt
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 # The interpreter flags issc's sandbox uses for a bare ``python3`` entrypoint; the Dask
 # process-mode function uses them too, so both start the same interpreter the same way.
 PYTHON_FLAGS = ("-s", "-E", "-B")
@@ -135,34 +131,16 @@ def print_table(figures: Sequence[Figure]) -> None:
             print(f"{f.system} {f.mode}: " + "; ".join(f.notes))
 
 
-def machine() -> str:
-    memory = "?"
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
-                    break
-    except OSError:
-        pass
+def dask_version() -> str:
     try:
         from importlib.metadata import version
 
-        dask_version = version("dask")
+        return version("dask")
     except Exception:  # not installed
-        dask_version = "not installed"
-    return (
-        f"{os.cpu_count()} CPUs, {memory} RAM, {platform.platform()}, "
-        f"Python {platform.python_version()}, dask {dask_version}, "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-    )
+        return "not installed"
 
 
 # ---- issc -----------------------------------------------------------------------------
-
-
-class BenchError(Exception):
-    """The benchmark could not run (a process died, a deadline passed)."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -176,110 +154,24 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-class IsscCluster:
-    """A hub and its nodes as processes in ``work``; ``stop`` ends them all."""
+class IsscCluster(Cluster):
+    """The hub and ``nodes`` nodes of ``slots`` slots each, for both projects of MODES."""
 
     def __init__(self, work: Path, nodes: int, slots: int, timeout: float) -> None:
-        self.work = work
+        super().__init__(work, timeout)
         self.nodes = nodes
         self.slots = slots
-        self.timeout = timeout
-        self.hub_dir = work / "hub"
-        self.inbox = self.hub_dir / "inbox"
-        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.public_key = ""
-
-    # -- set-up
-
-    def tool(self, *args: str | Path) -> str:
-        command = [str(BIN / "issc-project"), *map(str, args)]
-        done = subprocess.run(command, cwd=self.work, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BenchError(f"{' '.join(command)} failed:\n{done.stderr}{done.stdout}")
-        return done.stdout.strip()
 
     def start(self) -> None:
-        # The hub's data dir holds its control socket: not writable by group or others.
-        self.hub_dir.mkdir(mode=0o755, parents=True)
-        self.inbox.mkdir()
-        self.public_key = self.tool("keygen", "--out", "owner.key").split()[-1]
+        self.start_hub()
         for mode, (name, entry, source) in MODES.items():
-            project = self.work / name
-            project.mkdir()
-            (project / entry).write_text(source, encoding="utf-8")
-            (project / "project.yaml").write_text(
-                f"name: {name}\nversion: 1\nentrypoint: [python3, {entry}]\nmode: {mode}\n"
-                "limits: {wall_seconds: 60, memory_mb: 256, output_mb: 1}\nquorum: 1\n",
-                encoding="utf-8",
-            )
-            self.tool("pack", project, "--key", "owner.key", "--out", f"{name}.issc")
-        (self.work / "hub.yaml").write_text(
-            "listen: 127.0.0.1:0\ndata_dir: ./hub\nheartbeat_interval: 1\n", encoding="utf-8"
-        )
-        self.spawn("hub", "issc-hub", "hub.yaml")
-        address_file = self.hub_dir / "hub.addr"
-        self.wait(address_file.exists, "the hub's address file")
-        address = address_file.read_text(encoding="utf-8").strip()
+            self.pack(name, self.work / name, entry, source, mode, wall_seconds=60, output_mb=1)
         names = [name for name, _, _ in MODES.values()]
-        keys = "".join(f'  {name}: "{self.public_key}"\n' for name in names)
         for i in range(self.nodes):
-            config = self.work / f"node-{i}.yaml"
-            config.write_text(
-                f"hub: {address}\nvolunteer: bench-{i}\ndata_dir: ./node-{i}\n"
-                f"projects: [{', '.join(names)}]\nslots: {self.slots}\ntrusted_keys:\n{keys}",
-                encoding="utf-8",
-            )
-            self.spawn(f"node-{i}", "issc-node", config.name)
-        self.wait(
-            lambda: self.control("status")["nodes"]["connected"] == self.nodes,
-            f"{self.nodes} connected nodes",
-        )
-
-    def spawn(self, name: str, program: str, config: str) -> None:
-        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - closed after Popen
-        try:
-            process = subprocess.Popen(
-                [str(BIN / program), "--config", config],
-                cwd=self.work,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        finally:
-            log.close()  # the child holds its own descriptor
-        self.processes.append((name, process))
-
-    def control(self, command: str, **args: Any) -> Any:
-        from hub.ctl import request
-
-        return request(self.hub_dir / "control.sock", command, args)
-
-    def wait(self, ready: Callable[[], bool], what: str, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while True:
-            self.check_alive()
-            try:
-                if ready():
-                    return
-            except Exception as exc:  # the control socket is not up yet, say
-                if time.monotonic() > deadline:
-                    raise BenchError(f"waiting for {what}: {exc}") from exc
-            if time.monotonic() > deadline:
-                raise BenchError(f"no {what} after {timeout or self.timeout:.0f} s")
-            time.sleep(0.05)
-
-    def check_alive(self) -> None:
-        for name, process in self.processes:
-            if process.poll() is not None:
-                log = (self.work / f"{name}.log").read_text(errors="replace")
-                raise BenchError(
-                    f"{name} exited with status {process.returncode}; its log ends:\n"
-                    + "\n".join(log.splitlines()[-20:])
-                )
+            self.start_node(f"node-{i}", names, slots=self.slots, volunteer=f"bench-{i}")
+        self.wait_nodes(self.nodes, f"{self.nodes} connected nodes")
 
     # -- one measured run
-
-    def submit(self, path: Path) -> None:
-        self.tool("submit", path, "--inbox", self.inbox)
 
     def write_tasks(self, name: str, file_name: str, ids: Sequence[str]) -> Path:
         path = self.work / file_name
@@ -290,11 +182,7 @@ class IsscCluster:
 
     def run(self, mode: str, tasks: int) -> Figure:
         name = MODES[mode][0]
-        self.submit(self.work / f"{name}.issc")
-        self.wait(
-            lambda: any(p["name"] == name for p in self.control("projects")),
-            f"project {name} registered",
-        )
+        self.register(name)
         results = self.hub_dir / "outbox" / name / "results.jsonl"
         warm = [f"w-{i}" for i in range(self.nodes * self.slots)]
         self.submit(self.write_tasks(name, f"{name}-warmup.jsonl", warm))
@@ -333,20 +221,6 @@ class IsscCluster:
             f"(wall {seconds:.1f} x {os.cpu_count()} CPUs)",
         ]
         return Figure("issc", mode, tasks, seconds, notes)
-
-    # -- tear-down
-
-    def stop(self) -> None:
-        """Nodes first, then the hub: SIGTERM, and SIGKILL what does not stop in time."""
-        for _, process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _, process in reversed(self.processes):
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 class LineCounter:
@@ -446,20 +320,6 @@ def run_dask(args: argparse.Namespace, work: Path) -> list[Figure]:
 # ---- main -----------------------------------------------------------------------------
 
 
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` stops what it started."""
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=2, help="issc nodes / Dask workers (2)")
@@ -474,7 +334,7 @@ def main() -> int:
     if args.nodes < 1 or args.slots < 1 or args.tasks < 0 or args.process_tasks < 0:
         parser.error("--nodes and --slots must be at least 1, task counts at least 0")
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine([f'dask {dask_version()}'])}")
     print(
         f"{args.nodes} nodes x {args.slots} slots (Dask: {args.nodes} worker processes x "
         f"{args.slots} threads); {args.tasks} persistent-mode and {args.process_tasks} "

@@ -49,23 +49,17 @@ import hashlib
 import json
 import multiprocessing
 import os
-import platform
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-BIN = Path(sys.executable).parent
+from cluster import BenchError, Cluster, machine, terminate_as_interrupt
+
 MIB = 1024 * 1024
 CHUNK = MIB  # issc's transfer chunk (BUNDLE_CHUNK_SIZE)
 POLL = 0.001  # seconds between looks at the partial files
@@ -93,26 +87,6 @@ print(json.dumps(os.path.getsize("in/shared")))
 '''
 
 
-class BenchError(Exception):
-    """The benchmark could not run (a process died, a deadline passed)."""
-
-
-def machine() -> str:
-    memory = "?"
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
-                    break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} CPUs, {memory} RAM, {platform.platform()}, "
-        f"Python {platform.python_version()}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-    )
-
-
 def random_file(path: Path, size: int) -> str:
     """Write ``size`` random bytes to ``path``; their SHA-256."""
     digest = hashlib.sha256()
@@ -134,111 +108,16 @@ def rate(size: int, seconds: float) -> float:
 # ---- processes ------------------------------------------------------------------------
 
 
-class Cluster:
-    """A hub and its nodes as processes in ``work``; ``stop`` ends them all."""
+class TransferCluster(Cluster):
+    """The shared cluster, plus process-mode projects and reading a project's results."""
 
-    def __init__(self, work: Path, timeout: float) -> None:
-        self.work = work
-        self.timeout = timeout
-        self.hub_dir = work / "hub"
-        self.inbox = self.hub_dir / "inbox"
-        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.public_key = ""
-        self.address = ""
-
-    def tool(self, *args: str | Path) -> str:
-        command = [str(BIN / "issc-project"), *map(str, args)]
-        done = subprocess.run(command, cwd=self.work, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BenchError(f"{' '.join(command)} failed:\n{done.stderr}{done.stdout}")
-        return done.stdout.strip()
-
-    def start_hub(self) -> None:
-        # The hub's data dir holds its control socket: not writable by group or others.
-        self.hub_dir.mkdir(mode=0o755, parents=True)
-        self.inbox.mkdir()
-        self.public_key = self.tool("keygen", "--out", "owner.key").split()[-1]
-        (self.work / "hub.yaml").write_text(
-            "listen: 127.0.0.1:0\ndata_dir: ./hub\nheartbeat_interval: 1\n", encoding="utf-8"
-        )
-        self.spawn("hub", "issc-hub", "hub.yaml")
-        address_file = self.hub_dir / "hub.addr"
-        self.wait(address_file.exists, "the hub's address file")
-        self.address = address_file.read_text(encoding="utf-8").strip()
+    wait_interval = 0.02
 
     def project(self, name: str, main_py: str, output_mb: int) -> None:
         """Write, sign and submit a process-mode project; wait until the hub has it."""
         directory = self.work / f"{name}-src"
-        directory.mkdir()
-        (directory / "main.py").write_text(main_py, encoding="utf-8")
-        (directory / "project.yaml").write_text(
-            f"name: {name}\nversion: 1\nentrypoint: [python3, main.py]\nmode: process\n"
-            f"limits: {{wall_seconds: 600, memory_mb: 256, output_mb: {output_mb}}}\n"
-            "quorum: 1\n",
-            encoding="utf-8",
-        )
-        self.tool("pack", directory, "--key", "owner.key", "--out", f"{name}.issc")
-        self.submit(self.work / f"{name}.issc")
-        self.wait(
-            lambda: any(p["name"] == name for p in self.control("projects")),
-            f"project {name} registered",
-        )
-
-    def start_node(self, name: str, projects: list[str], hub: str | None = None) -> Path:
-        """Start a node (2 slots) talking to ``hub`` (default: the hub); its data_dir."""
-        keys = "".join(f'  {p}: "{self.public_key}"\n' for p in projects)
-        config = self.work / f"{name}.yaml"
-        config.write_text(
-            f"hub: {hub or self.address}\nvolunteer: bench\ndata_dir: ./{name}\n"
-            f"projects: [{', '.join(projects)}]\nslots: 2\ntrusted_keys:\n{keys}",
-            encoding="utf-8",
-        )
-        self.spawn(name, "issc-node", config.name)
-        return self.work / name
-
-    def spawn(self, name: str, program: str, config: str) -> None:
-        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - closed after Popen
-        try:
-            process = subprocess.Popen(
-                [str(BIN / program), "--config", config],
-                cwd=self.work,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        finally:
-            log.close()
-        self.processes.append((name, process))
-
-    def control(self, command: str, **args: Any) -> Any:
-        from hub.ctl import request
-
-        return request(self.hub_dir / "control.sock", command, args)
-
-    def submit(self, *paths: Path) -> None:
-        self.tool("submit", *paths, "--inbox", self.inbox)
-
-    def wait(self, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            self.check_alive()
-            try:
-                if ready():
-                    return
-            except Exception as exc:  # the control socket is not up yet, say
-                if time.monotonic() > deadline:
-                    raise BenchError(f"waiting for {what}: {exc}") from exc
-            if time.monotonic() > deadline:
-                raise BenchError(f"no {what} after {self.timeout:.0f} s (logs in {self.work})")
-            time.sleep(0.02)
-
-    def check_alive(self) -> None:
-        for name, process in self.processes:
-            if process.poll() is not None:
-                log = (self.work / f"{name}.log").read_text(errors="replace")
-                raise BenchError(
-                    f"{name} exited with status {process.returncode}; its log ends:\n"
-                    + "\n".join(log.splitlines()[-20:])
-                )
+        self.pack(name, directory, "main.py", main_py, "process", 600, output_mb)
+        self.register(name)
 
     def results(self, project: str) -> list[dict[str, Any]]:
         path = self.hub_dir / "outbox" / project / "results.jsonl"
@@ -247,18 +126,6 @@ class Cluster:
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
-
-    def stop(self) -> None:
-        """Nodes first, then the hub: SIGTERM, and SIGKILL what does not stop in time."""
-        for _, process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _, process in reversed(self.processes):
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 # ---- part 1: throughput through issc ----------------------------------------------------
@@ -313,7 +180,7 @@ class TransferRun:
     end_to_line: float  # s: program ended -> results line
 
 
-def issc_run(cluster: Cluster, node_dir: Path, index: int, size: int) -> TransferRun:
+def issc_run(cluster: TransferCluster, node_dir: Path, index: int, size: int) -> TransferRun:
     source = cluster.work / f"data-{index}.bin"
     sha = random_file(source, size)
     task = {"project": "xfer", "id": f"x-{index}", "input": {"size": size}}
@@ -357,12 +224,12 @@ def issc_run(cluster: Cluster, node_dir: Path, index: int, size: int) -> Transfe
 
 
 def part_one(work: Path, size_mb: int, runs: int, timeout: float) -> list[TransferRun]:
-    cluster = Cluster(work, timeout)
+    cluster = TransferCluster(work, timeout)
     try:
         cluster.start_hub()
         cluster.project("xfer", COPY_MAIN, output_mb=size_mb + 1)
         node_dir = cluster.start_node("node-0", ["xfer"])
-        cluster.wait(lambda: cluster.control("status")["nodes"]["connected"] == 1, "the node")
+        cluster.wait_nodes(1, "the node")
         out = []
         for i in range(runs):
             out.append(issc_run(cluster, node_dir, i, size_mb * MIB))
@@ -558,7 +425,7 @@ def node_id_of(data_dir: Path) -> str:
 
 
 def part_two(work: Path, tasks: int, shared_mb: float, nodes: int, timeout: float) -> WireFigure:
-    cluster = Cluster(work, timeout)
+    cluster = TransferCluster(work, timeout)
     proxies: list[CountingProxy] = []
     try:
         cluster.start_hub()
@@ -569,9 +436,7 @@ def part_two(work: Path, tasks: int, shared_mb: float, nodes: int, timeout: floa
             proxies.append(proxy)
             node_dir = cluster.start_node(f"node-{i}", ["shared"], hub=proxy.start())
             node_ids.append(node_dir)
-        cluster.wait(
-            lambda: cluster.control("status")["nodes"]["connected"] == nodes, f"{nodes} nodes"
-        )
+        cluster.wait_nodes(nodes, f"{nodes} nodes")
         shared = int(shared_mb * MIB)
         random_file(cluster.work / "shared.bin", shared)
         lines = [
@@ -607,20 +472,6 @@ def part_two(work: Path, tasks: int, shared_mb: float, nodes: int, timeout: floa
 
 
 # ---- main -----------------------------------------------------------------------------
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` stops what it started."""
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def spread(values: list[float]) -> str:
