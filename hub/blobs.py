@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from issc.errors import IsscError
+from issc.fsutil import fsync_dir, sha256_file
 from issc.names import SHA256_RE
 
 CHUNK = 1024 * 1024
@@ -26,22 +27,6 @@ MAX_INPUT_FILE = 1024 * 1024 * 1024
 
 class FileStoreError(IsscError):
     """A file could not be read into, or found in, the content store."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ContentStore:
@@ -110,7 +95,7 @@ class ContentStore:
         target.parent.mkdir(exist_ok=True)
         os.chmod(tmp, 0o444)
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
 
 class UploadArea:
@@ -151,7 +136,7 @@ class UploadArea:
         held += len(data)
         if held < size:
             return held
-        if sha256_of(part) != sha256:
+        if sha256_file(part) != sha256:
             part.unlink()
             return 0
         self.store.adopt(part, sha256)

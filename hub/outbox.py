@@ -18,6 +18,7 @@ from typing import Any
 
 from hub.blobs import ContentStore
 from hub.store import FinishedTask, Store, iso_time
+from issc.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 BATCH = 5000
@@ -81,11 +82,7 @@ class Outbox:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
 
     def _append(self, project: str, tasks: list[FinishedTask], committed: int) -> int:
         directory = self.outbox_dir / project

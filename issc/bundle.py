@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from issc.bundle_pack import collect_sources, refuse_private_key, write_archive, write_atomically
 from issc.errors import BundleError, KeyFormatError
+from issc.fsutil import sha256_file
 from issc.keys import load_private_key, parse_public_key, public_key_string
 from issc.manifest import (
     MAX_PATH_CHARS,
@@ -187,14 +188,10 @@ def bundle_digest(path: Path) -> str:
     Raises:
         BundleError: the file cannot be read.
     """
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
+        return sha256_file(path)
     except OSError as exc:
         raise BundleError(f"{path}: cannot read: {exc.strerror}") from exc
-    return digest.hexdigest()
 
 
 def _owner_key_of(manifest: Manifest) -> Ed25519PublicKey:

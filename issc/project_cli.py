@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from issc.bundle import bundle_digest, pack_bundle, verify_bundle
 from issc.errors import IsscError
+from issc.fsutil import fsync_dir
 from issc.keys import generate_key, load_public_key_arg
 from issc.names import PLAIN_NAME_RE
 from issc.taskrefs import FileReference, file_references
@@ -318,7 +319,7 @@ def _publish(source: Path, target: Path) -> None:
     try:
         _copy_synced(source, tmp)
         _publish_no_replace(tmp, target)
-        _fsync_directory(target.parent)
+        fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -334,7 +335,7 @@ def _make_directories(directory: Path) -> None:
         if not directory.is_dir():
             raise
         return
-    _fsync_directory(directory.parent)
+    fsync_dir(directory.parent)
 
 
 def _copy_synced(source: Path, tmp: Path) -> None:
@@ -368,15 +369,6 @@ def _publish_no_replace(tmp: Path, target: Path) -> None:
         if target.exists():
             raise FileExistsError(errno.EEXIST, "file exists", str(target)) from exc
         os.rename(tmp, target)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the new directory entry durable. Raises OSError."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ is ever run; anything that fails verification is deleted and never retried.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from issc.bundle import extract_bundle, read_manifest
 from issc.errors import BundleError
+from issc.fsutil import sha256_file
 from issc.keys import parse_public_key
 from issc.manifest import Manifest
 from node.transfer import append_part
@@ -70,7 +70,7 @@ class BundleCache:
         part = self.directory / f"{digest}.part"
         archive = self.directory / f"{digest}.issc"
         try:
-            actual = _sha256_file(part)
+            actual = sha256_file(part)
             if actual != digest:
                 raise BundleError(
                     f"downloaded bundle has SHA-256 {actual[:16]}…, not {digest[:16]}…"
@@ -116,11 +116,3 @@ class BundleCache:
         return (
             {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
         )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()

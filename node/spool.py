@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from issc.fsutil import fsync_dir
+
 log = logging.getLogger(__name__)
 
 _OUT_SUFFIX = ".out"
@@ -46,11 +48,7 @@ class ResultSpool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.directory)
 
     def remove(self, lease: int) -> None:
         """Forget a result and its output files."""

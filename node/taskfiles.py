@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from issc.fsutil import fsync_dir
 from issc.names import PLAIN_NAME_RE
 from node.sandbox import MIB, remove_tree
 
@@ -111,7 +112,8 @@ def collect_outputs(scratch: Path, dest: Path, output_mb: int) -> tuple[OutputFi
     dest.mkdir(parents=True, mode=0o700)
     try:
         files = tuple(_copy_out(out / name, dest / name, size) for name, size in sizes.items())
-        _fsync_dir(dest)
+        with contextlib.suppress(OSError):  # best effort: the spool record is what counts
+            fsync_dir(dest)
     except BaseException:
         remove_tree(dest)
         raise
@@ -167,12 +169,3 @@ def _copy_out(source: Path, target: Path, size: int) -> OutputFile:
             writer.flush()
             os.fsync(writer.fileno())  # the spool record naming it is written next
     return OutputFile(source.name, target, copied, digest.hexdigest())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
