@@ -30,8 +30,12 @@ _HUB_KEYS = {
 }  # fmt: skip
 _NODE_KEYS = {
     "hub", "volunteer", "token", "data_dir", "projects", "trusted_keys", "slots", "relay", "tls",
-    "file_cache_mb", "file_cache_days",
+    "file_cache_mb", "file_cache_days", "discover",
 }  # fmt: skip
+DEFAULT_DISCOVERY_ADDRESS = "255.255.255.255"
+DEFAULT_DISCOVERY_PORT = 7412
+MAX_RELAY_PEERS = 1024
+MAX_DISCOVER_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,17 @@ class ClientTls:
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     listen: Address
+    max_peers: int = 64  # peers served at once
+    discovery: Address | None = None  # where to answer discovery requests; None = don't
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverConfig:
+    """Find relays by sending a discovery request to address:port (issc.discovery)."""
+
+    address: str = DEFAULT_DISCOVERY_ADDRESS
+    port: int = DEFAULT_DISCOVERY_PORT
+    timeout: float = 1.0  # seconds to collect answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +119,7 @@ class NodeConfig:
     tls: ClientTls | None
     file_cache_mb: int  # input-file cache size beyond which least recently used files go
     file_cache_days: float  # input files unused this long are evicted
+    discover: DiscoverConfig | None = None  # None = no relay discovery
 
     @property
     def file_cache_bytes(self) -> int:
@@ -173,6 +189,31 @@ def _positive_int(value: Any) -> int:
     if value < 1:
         raise ValueError("must be at least 1")
     return value
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        if not low <= value <= high:
+            raise ValueError(f"must be {low}..{high}")
+        return value
+
+    return convert
+
+
+def _timeout(value: Any) -> float:
+    seconds = _positive_float(value)
+    if seconds > MAX_DISCOVER_TIMEOUT:
+        raise ValueError(f"must be at most {MAX_DISCOVER_TIMEOUT:g}")
+    return seconds
+
+
+def _host(value: Any) -> str:
+    text = _string(value)
+    if len(text) > 253 or any(c.isspace() for c in text) or not text.isascii():
+        raise ValueError("expected a host name or IP address")
+    return text
 
 
 def parse_address(value: Any) -> Address:
@@ -289,11 +330,26 @@ def load_node_config(path: Path) -> NodeConfig:
         raise r.error("volunteer", "is required")
     relay = None
     if (s := r.sub("relay")) is not None:
-        s.reject_unknown({"listen"})
+        s.reject_unknown({"listen", "max_peers", "discovery"})
         listen = s.get("listen", None, parse_address, "host:port")
         if listen is None:
             raise r.error("relay", "needs listen: host:port")
-        relay = RelayConfig(listen)
+        max_peers = s.get(
+            "max_peers", 64, _int_range(1, MAX_RELAY_PEERS), f"an integer 1..{MAX_RELAY_PEERS}"
+        )
+        discovery = s.get("discovery", None, parse_address, "host:port")
+        if discovery is not None and listen.port == 0:
+            # Discovery answers name the port: peers cannot be sent to "port 0".
+            raise r.error("relay", "listen needs a fixed port (not 0) when discovery is on")
+        relay = RelayConfig(listen, max_peers, discovery)
+    discover = None
+    if (s := r.sub("discover")) is not None:  # discover: {} = discovery with the defaults
+        s.reject_unknown({"address", "port", "timeout"})
+        discover = DiscoverConfig(
+            address=s.get("address", DEFAULT_DISCOVERY_ADDRESS, _host, "a host name or IP address"),
+            port=s.get("port", DEFAULT_DISCOVERY_PORT, _int_range(1, 65535), "a port 1..65535"),
+            timeout=s.get("timeout", 1.0, _timeout, "a positive number of seconds"),
+        )
     tls = None
     if (s := r.sub("tls")) is not None:
         s.reject_unknown({"ca", "fingerprint"})
@@ -318,4 +374,5 @@ def load_node_config(path: Path) -> NodeConfig:
         tls=tls,
         file_cache_mb=r.get("file_cache_mb", 1024, _positive_int, "a positive integer"),
         file_cache_days=r.get("file_cache_days", 14.0, _positive_float, "a positive number"),
+        discover=discover,
     )

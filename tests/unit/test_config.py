@@ -10,6 +10,7 @@ import pytest
 from issc.config import (
     Address,
     ClientTls,
+    DiscoverConfig,
     RelayConfig,
     ServerTls,
     load_hub_config,
@@ -231,6 +232,7 @@ def test_node_defaults(tmp_path: Path) -> None:
     assert config.file_cache_days == 14
     assert config.file_cache_bytes == 1024 * 1024 * 1024
     assert config.file_cache_seconds == 14 * 86400
+    assert config.discover is None
 
 
 def test_node_every_key_is_parsed(tmp_path: Path, pubkey: str) -> None:
@@ -247,10 +249,11 @@ trusted_keys:
   mandel-brot_2: "{pubkey}"
   unused: "{pubkey}"
 slots: 8
-relay: {{listen: 0.0.0.0:7412}}
+relay: {{listen: 0.0.0.0:7412, max_peers: 1024, discovery: 0.0.0.0:7413}}
 tls: {{ca: /etc/issc/ca.pem, fingerprint: "sha256:abcd"}}
 file_cache_mb: 200
 file_cache_days: 0.5
+discover: {{address: 192.168.1.255, port: 7414, timeout: 30}}
 """,
     )
     config = load_node_config(path)
@@ -265,12 +268,46 @@ file_cache_days: 0.5
         "unused": pubkey,
     }
     assert config.slots == 8
-    assert config.relay == RelayConfig(Address("0.0.0.0", 7412))
+    assert config.relay == RelayConfig(Address("0.0.0.0", 7412), 1024, Address("0.0.0.0", 7413))
     assert config.tls == ClientTls(Path("/etc/issc/ca.pem"), "sha256:abcd")
     assert config.file_cache_mb == 200
     assert config.file_cache_bytes == 200 * 1024 * 1024
     assert config.file_cache_days == 0.5
     assert config.file_cache_seconds == 43200
+    assert config.discover == DiscoverConfig("192.168.1.255", 7414, 30.0)
+    assert isinstance(config.discover.timeout, float)
+
+
+def test_node_relay_defaults(tmp_path: Path) -> None:
+    config = load_node_config(write(tmp_path, "volunteer: a\nrelay: {listen: 0.0.0.0:7412}\n"))
+    assert config.relay == RelayConfig(Address("0.0.0.0", 7412), max_peers=64, discovery=None)
+    path = write(
+        tmp_path, "volunteer: a\nrelay: {listen: 0.0.0.0:1, max_peers: null, discovery: null}\n"
+    )
+    assert load_node_config(path).relay == RelayConfig(Address("0.0.0.0", 1), 64, None)
+    path = write(
+        tmp_path, 'volunteer: a\nrelay: {listen: "[::]:1", max_peers: 1, discovery: "[::]:2"}\n'
+    )
+    assert load_node_config(path).relay == RelayConfig(Address("::", 1), 1, Address("::", 2))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("discover: null\n", None),
+        ("discover: {}\n", DiscoverConfig("255.255.255.255", 7412, 1.0)),
+        ("discover: {address: null, port: null, timeout: null}\n", DiscoverConfig()),
+        ("discover: {address: 127.255.255.255}\n", DiscoverConfig(address="127.255.255.255")),
+        ("discover: {address: relay.lan, port: 1}\n", DiscoverConfig("relay.lan", 1, 1.0)),
+        ("discover: {port: 65535, timeout: 0.25}\n", DiscoverConfig(port=65535, timeout=0.25)),
+        ("discover: {timeout: 2}\n", DiscoverConfig(timeout=2.0)),
+    ],
+)
+def test_node_discover(tmp_path: Path, text: str, expected: DiscoverConfig | None) -> None:
+    config = load_node_config(write(tmp_path, "volunteer: a\n" + text))
+    assert config.discover == expected
+    if config.discover is not None:
+        assert isinstance(config.discover.timeout, float)
 
 
 def test_node_single_hub_and_tls_fingerprint_only(tmp_path: Path) -> None:
@@ -356,6 +393,39 @@ def test_node_unknown_key_names_the_key_and_the_file(tmp_path: Path, pubkey: str
         ("relay: 0.0.0.0:7412\n", "relay"),
         ("relay: {listen: nohost}\n", "relay.listen"),
         ("relay: {listen: 0.0.0.0:1, peers: 3}\n", "relay.peers"),
+        ("relay: {listen: 0.0.0.0:1, max_peers: 0}\n", "relay.max_peers"),
+        ("relay: {listen: 0.0.0.0:1, max_peers: -1}\n", "relay.max_peers"),
+        ("relay: {listen: 0.0.0.0:1, max_peers: 1025}\n", "relay.max_peers"),
+        ("relay: {listen: 0.0.0.0:1, max_peers: 2.5}\n", "relay.max_peers"),
+        ("relay: {listen: 0.0.0.0:1, max_peers: true}\n", "relay.max_peers"),
+        ('relay: {listen: 0.0.0.0:1, max_peers: "8"}\n', "relay.max_peers"),
+        ("relay: {listen: 0.0.0.0:1, discovery: nohost}\n", "relay.discovery"),
+        ("relay: {listen: 0.0.0.0:1, discovery: 7412}\n", "relay.discovery"),
+        ("relay: {listen: 0.0.0.0:1, discovery: 0.0.0.0:65536}\n", "relay.discovery"),
+        ("relay: {listen: 0.0.0.0:1, discovery: [0.0.0.0:1]}\n", "relay.discovery"),
+        ("relay: {max_peers: 8}\n", "relay"),
+        ("discover: yes\n", "discover"),
+        ("discover: 255.255.255.255\n", "discover"),
+        ("discover: [a]\n", "discover"),
+        ("discover: {addr: 10.0.0.255}\n", "discover.addr"),
+        ("discover: {address: 10.0.0.255, hub: x}\n", "discover.hub"),
+        ("discover: {address: 5}\n", "discover.address"),
+        ('discover: {address: ""}\n', "discover.address"),
+        ('discover: {address: "a b"}\n', "discover.address"),
+        ("discover: {address: [x]}\n", "discover.address"),
+        ("discover: {port: 0}\n", "discover.port"),
+        ("discover: {port: 65536}\n", "discover.port"),
+        ("discover: {port: -1}\n", "discover.port"),
+        ('discover: {port: "7412"}\n', "discover.port"),
+        ("discover: {port: 7412.0}\n", "discover.port"),
+        ("discover: {port: true}\n", "discover.port"),
+        ("discover: {timeout: 0}\n", "discover.timeout"),
+        ("discover: {timeout: -1}\n", "discover.timeout"),
+        ("discover: {timeout: 30.5}\n", "discover.timeout"),
+        ("discover: {timeout: .inf}\n", "discover.timeout"),
+        ("discover: {timeout: .nan}\n", "discover.timeout"),
+        ("discover: {timeout: soon}\n", "discover.timeout"),
+        ("discover: {timeout: false}\n", "discover.timeout"),
         ("tls: {pin: x}\n", "tls.pin"),
         ("tls: {fingerprint: 5}\n", "tls.fingerprint"),
         ("trusted_keys: [a]\n", "trusted_keys"),
@@ -412,6 +482,7 @@ def test_example_node_config_loads() -> None:
     assert config.relay is None
     assert config.tls is None
     assert (config.file_cache_mb, config.file_cache_days) == (1024, 14)
+    assert config.discover is None
 
 
 def test_example_hub_config_shows_every_hub_key() -> None:
@@ -430,5 +501,5 @@ def test_example_node_config_shows_every_node_key() -> None:
     keys = set(yaml.safe_load((CONFIGS / "node.yaml").read_text()))
     assert keys == {
         "hub", "volunteer", "token", "data_dir", "projects", "trusted_keys", "slots", "relay",
-        "tls", "file_cache_mb", "file_cache_days",
+        "tls", "file_cache_mb", "file_cache_days", "discover",
     }  # fmt: skip
