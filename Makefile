@@ -38,6 +38,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/store_commit.py
 	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) demo-run *.egg-info .pytest_cache .mypy_cache .ruff_cache

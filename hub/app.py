@@ -19,6 +19,7 @@ from hub.scheduler import (
 )
 from hub.session import NodeSession
 from hub.store import Store
+from hub.transport import StreamTransport
 from issc.config import Address, HubConfig
 from issc.errors import ConfigError
 
@@ -64,7 +65,7 @@ class Hub:
         runtime = self.runtime = HubRuntime(config, store, scheduler, inbox, outbox, files)
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await NodeSession(runtime, reader, writer).serve()
+            await NodeSession(runtime, StreamTransport(reader, writer)).serve()
 
         server = await asyncio.start_server(on_connect, config.listen.host, config.listen.port)
         host, port = server.sockets[0].getsockname()[:2]

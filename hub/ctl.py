@@ -251,8 +251,31 @@ def show_status(data: Any, ns: argparse.Namespace) -> str:
     tally = "  ".join(f"{k} {_cell(counts.get(k, 0))}" for k in _state_keys(counts))
     total = sum(int(counts.get(k, 0)) for k in _state_keys(counts))
     rows.append(("tasks", f"{total} total: {tally}"))
+    transfers: Mapping[str, Any] | None = data.get("transfers")
+    if transfers:
+        rows.append(
+            (
+                "sent",
+                f"{_cell(transfers.get('bundles_sent', 0))} bundles "
+                f"({_size(transfers.get('bundle_bytes_sent', 0))}), "
+                f"input files {_size(transfers.get('file_bytes_sent', 0))}; "
+                f"received outputs {_size(transfers.get('upload_bytes_received', 0))}",
+            )
+        )
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {text}" for label, text in rows)
+
+
+def _size(value: Any) -> str:
+    """``"1.5 MiB"``: a byte count for people."""
+    if not isinstance(value, int | float):
+        return _cell(value)
+    amount = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if amount < 1024 or unit == "GiB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    raise AssertionError("unreachable")
 
 
 def show_nodes(data: Any, ns: argparse.Namespace) -> str:

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from hub import events as ev
 from hub.blobs import ContentStore, UploadArea
 from hub.changes import Change, LeaseEnded, TaskFinished
@@ -28,7 +30,8 @@ from hub.scheduler import Scheduler
 from hub.session import NodeSession
 from hub.store import AsyncStore, Store
 from issc.config import HubConfig
-from issc.errors import StoreError
+from issc.errors import AuthError, StoreError
+from issc.keys import parse_public_key
 from issc.names import PLAIN_NAME_RE
 from issc.protocol import (
     BUNDLE_CHUNK_SIZE,
@@ -36,9 +39,11 @@ from issc.protocol import (
     FileRef,
     Hello,
     Offer,
+    Result,
     ResultAck,
     TaskOffer,
 )
+from issc.resultsig import Given, given_of, returned_of, verify_result
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,18 @@ class HubRuntime:
         self.files = files
         self.uploads = UploadArea(config.data_dir / "uploads", self.files)
         self._declared: dict[int, dict[str, int]] = {}  # lease -> output name -> size
-        self.transfers = {"bundle_bytes_sent": 0, "file_bytes_sent": 0, "upload_bytes_received": 0}
+        # What each lease's offer held, per task: a result's signature is checked against
+        # it. Kept while the task is unfinished (a late result of an ended lease may still
+        # count), dropped when it finishes; after a restart, rebuilt from the store on demand.
+        # A tuple: the candidates (one, unless rebuilt: see _offered_under).
+        self._offered: dict[int, dict[int, tuple[Given, ...]]] = {}  # task -> lease -> Given
+        self._node_keys: dict[str, Ed25519PublicKey] = {}  # of the nodes attached now
+        self.transfers = {
+            "bundles_sent": 0,  # whole bundles: chunks that reached a bundle's end
+            "bundle_bytes_sent": 0,
+            "file_bytes_sent": 0,
+            "upload_bytes_received": 0,
+        }
         self.batches = 0
         self._waiters: list[asyncio.Future[None]] = []  # submit_and_wait callers, this round
         # Held from an inbox scan's commit until its TasksAdded are submitted, so an admin's
@@ -122,6 +138,8 @@ class HubRuntime:
             old.close()
         self.sessions[session.node_id] = session
         self._volunteers[session.node_id] = hello.volunteer  # for log lines after it left
+        # Parsed once per session (the hello was checked): every result is verified with it.
+        self._node_keys[session.node_id] = parse_public_key(hello.public_key)
         self.submit(
             ev.NodeJoined(
                 session.node_id,
@@ -136,6 +154,7 @@ class HubRuntime:
         assert session.node_id is not None
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
+            self._node_keys.pop(session.node_id, None)
             log.info(
                 "node %s of %s left (%s); its leases wait one heartbeat window",
                 session.node_id,
@@ -175,6 +194,8 @@ class HubRuntime:
             return None
         data = content[offset : offset + BUNDLE_CHUNK_SIZE]
         self.transfers["bundle_bytes_sent"] += len(data)
+        if data and offset + len(data) == len(content):
+            self.transfers["bundles_sent"] += 1
         return len(content), data
 
     async def file_chunk(self, sha256: str, offset: int) -> tuple[int, bytes] | None:
@@ -212,6 +233,80 @@ class HubRuntime:
         held = await asyncio.to_thread(self.uploads.write, lease, name, sha256, size, offset, data)
         self.transfers["upload_bytes_received"] += len(data)
         return held
+
+    async def result_forged(self, node_id: str, message: Result) -> str | None:
+        """Why ``message`` is not this node's signed result for what the hub offered under
+        its lease (something on the way altered the offer or the result), or None if it is.
+
+        For a lease whose task is unfinished (upload_wanted): one Ed25519 verification.
+        A lease of another node is not checked: the scheduler refuses its result anyway.
+        """
+        holder = self.scheduler.leases.get(message.lease) or self.scheduler.past_leases.get(
+            message.lease
+        )
+        if holder is not None and holder.node_id != node_id:
+            return None
+        key = self._node_keys.get(node_id)
+        if key is None:
+            return "the node's key is unknown"  # not attached: cannot happen
+        try:
+            returned = returned_of(
+                message.ok,
+                message.result,
+                message.error,
+                message.cpu_seconds,
+                message.wall_seconds,
+                message.files,
+            )
+        except (ValueError, TypeError) as exc:  # the protocol's decoder lets none through
+            return f"the result is not JSON: {exc}"
+        problem = "the hub does not know what it offered under this lease"
+        for given in await self._offered_under(message.lease):
+            try:
+                verify_result(key, message.signature, node_id, given, returned)
+            except AuthError as exc:
+                problem = str(exc)
+                continue
+            return None
+        return problem
+
+    def offered_task(self, lease: int) -> str | None:
+        """The task id the hub offered under ``lease``, if it still knows (for logs)."""
+        holder = self.scheduler.leases.get(lease) or self.scheduler.past_leases.get(lease)
+        known = self._offered.get(holder.task_pk, {}).get(lease) if holder else None
+        return known[0].task if known else None
+
+    async def _offered_under(self, lease: int) -> tuple[Given, ...]:
+        """What the offer of ``lease`` held: remembered when it was sent, or, for a lease
+        offered before the hub restarted, rebuilt from the store. The offer named the
+        bundle current when it was made, which the store does not keep with the lease: the
+        rebuilt candidates are the project's newest bundle by then and the one before it
+        (the scheduler hears of a new bundle a moment after it is stored)."""
+        holder = self.scheduler.leases.get(lease) or self.scheduler.past_leases.get(lease)
+        if holder is None:
+            return ()
+        known = self._offered.get(holder.task_pk, {}).get(lease)
+        if known is not None:
+            return known
+        task = self.scheduler.tasks.get(holder.task_pk)
+        if task is None:
+            return ()
+        project = self.scheduler.projects[task.project_id]
+        payloads = await self.astore.call(self.store.offer_payloads, [holder.task_pk])
+        digests = await self.astore.call(self.store.bundles_by, task.project_id, holder.offered_at)
+        if holder.task_pk not in payloads:
+            return ()
+        task_id, input_json, files = payloads[holder.task_pk]
+        try:
+            candidates = tuple(
+                given_of(lease, project.name, task_id, digest, json.loads(input_json), files)
+                for digest in digests
+            )
+        except (ValueError, TypeError):
+            return ()  # an input no offer could carry
+        if holder.task_pk in self.scheduler.tasks:  # else finished meanwhile: nothing to keep
+            self._offered.setdefault(holder.task_pk, {})[lease] = candidates
+        return candidates
 
     def missing_output(self, files: Sequence[FileRef]) -> FileRef | None:
         """The first listed output file the content store does not hold, if any."""
@@ -260,6 +355,8 @@ class HubRuntime:
             self.batches += 1
             await self._log_endings(changes)
             finished = [c for c in changes if isinstance(c, TaskFinished)]
+            for done in finished:
+                self._offered.pop(done.task_pk, None)  # no result of the task counts now
             if finished:
                 self._export_wanted.set()
                 self._count_finished(
@@ -296,6 +393,10 @@ class HubRuntime:
             task_id, input_json, files = payloads[item.task_pk]
             project = item.project
             assert project.digest is not None
+            value = json.loads(input_json)
+            with contextlib.suppress(ValueError, TypeError):  # else the offer cannot go either
+                given = given_of(item.lease, project.name, task_id, project.digest, value, files)
+                self._offered.setdefault(item.task_pk, {})[item.lease] = (given,)
             batch.append(
                 TaskOffer(
                     lease=item.lease,
@@ -304,7 +405,7 @@ class HubRuntime:
                     version=project.version,
                     digest=project.digest,
                     size=project.size,
-                    input=json.loads(input_json),
+                    input=value,
                     files=[FileRef(name=f.name, sha256=f.sha256, size=f.size) for f in files],
                 )
             )
@@ -437,7 +538,7 @@ class HubRuntime:
                     "slots": session.slots,
                     "leases": len(node.leases) if node else 0,
                     "address": session.address,
-                    "via": None,
+                    "via": session.via,
                     "last_seen_seconds_ago": round(self.now() - node.last_seen, 1)
                     if node
                     else None,

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from hub import events as ev
 from hub.changes import FileInfo
+from hub.relaying import ENVELOPE_OVERHEAD, RelayedPeers, RelayedTransport
+from hub.transport import Transport
 from issc.errors import (
     AuthError,
     IsscError,
@@ -29,6 +31,7 @@ from issc.names import SHA256_RE
 from issc.nodeauth import Claim, new_nonce, verify_proof
 from issc.protocol import (
     CLOSED,
+    MAX_FRAME_SIZE,
     NEED_DATA,
     PROTOCOL_VERSION,
     Accept,
@@ -47,9 +50,13 @@ from issc.protocol import (
     HeartbeatAck,
     Hello,
     Message,
+    PeerClosed,
+    PeerOpened,
     Proof,
     Ready,
+    Relayed,
     Result,
+    ResultAck,
     Role,
     Upload,
     UploadAck,
@@ -62,7 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds from connect to a verified proof
-READ_SIZE = 256 * 1024
 MAX_WRITE_BUFFER = 16 * 1024 * 1024  # a node that reads slower than this is dropped
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MAX_SLOTS = 1024
@@ -73,14 +79,25 @@ class NodeSession:
     """Serves one TCP connection until it closes. Protocol errors end only this session."""
 
     def __init__(
-        self, runtime: HubRuntime, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        runtime: HubRuntime,
+        transport: Transport,
+        *,
+        via: NodeSession | None = None,
     ) -> None:
+        """Serve ``transport``: a TCP connection, or a peer's frames carried by the relay
+        session ``via``."""
         self.runtime = runtime
-        self.reader = reader
-        self.writer = writer
-        self.conn = Connection(Role.HUB)
-        peer = writer.get_extra_info("peername")
-        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.transport = transport
+        self.relay = via
+        self.via: str | None = via.node_id if via is not None else None
+        self.depth: int = via.depth + 1 if via is not None else 0  # relays between us
+        frame_limit = (
+            via.conn.max_frame_size - ENVELOPE_OVERHEAD if via is not None else MAX_FRAME_SIZE
+        )
+        self.conn: Connection = Connection(Role.HUB, frame_limit)
+        self.address = transport.address
+        self.peers: RelayedPeers | None = None  # set once this node relays for others
         self.node_id: str | None = None
         self.volunteer = ""
         self.slots = 0
@@ -97,6 +114,9 @@ class NodeSession:
             Result: self._on_result,
             Goodbye: self._on_goodbye,
             Error: self._on_error,
+            PeerOpened: self._on_peer_opened,
+            Relayed: self._on_relayed,
+            PeerClosed: self._on_peer_closed,
         }
 
     # ---- the loop ---------------------------------------------------------------------
@@ -135,7 +155,7 @@ class NodeSession:
             if event is not NEED_DATA:
                 assert isinstance(event, Message)
                 return event
-            data = await self.reader.read(READ_SIZE)
+            data = await self.transport.read()
             self.conn.receive_data(data)
 
     async def _authenticate(self) -> Hello | None:
@@ -209,7 +229,7 @@ class NodeSession:
         if self.closed:
             return
         try:
-            self.writer.write(self.conn.send(message))
+            self.transport.write(self.conn.send(message))
         except LocalProtocolError:
             log.exception("node %s: refused to send %s", self.node_id, type(message).__name__)
             self.close()
@@ -217,7 +237,7 @@ class NodeSession:
         except (ConnectionError, RuntimeError):
             self.close()
             return
-        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+        if self.transport.backlog() > MAX_WRITE_BUFFER:
             log.warning("node %s: not reading its data; disconnecting", self.node_id)
             self.close()
 
@@ -238,13 +258,15 @@ class NodeSession:
     def _send_error(self, code: ErrorCode, message: str) -> None:
         # The connection is going away anyway: failing to say why must not raise.
         with contextlib.suppress(IsscError, ConnectionError, RuntimeError):
-            self.writer.write(self.conn.send(Error(code=code, message=message[:2000])))
+            self.transport.write(self.conn.send(Error(code=code, message=message[:2000])))
         self.close()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.writer.close()
+            self.transport.close()
+            if self.peers is not None:
+                self.peers.close_all()  # a relay's peers go with it
 
     # ---- handlers ---------------------------------------------------------------------
 
@@ -272,6 +294,21 @@ class NodeSession:
         self.runtime.submit(event)
 
     def _on_bundle_refused(self, message: BundleRefused) -> None:
+        if self.via is not None:
+            # The peer got the bundle from its relay, which checks only the digest of
+            # what it caches: a bundle the peer refuses was altered there, not signed
+            # wrongly by its owner. The offers go back without costing the task an
+            # attempt, and the peer is told to reach the hub another way.
+            reason = (
+                f"node {self.node_id} refused bundle {message.digest[:12]} fetched via "
+                f"relay {self.via}: {message.reason[:500]}"
+            )
+            log.warning("%s", reason)
+            self.runtime.submit(
+                ev.LeasesDeclined(self._id, tuple(message.leases), reason, self.runtime.now())
+            )
+            self._send_error(ErrorCode.RELAY, reason)
+            return
         log.warning(
             "node %s refused bundle %s of %s: %s",
             self.node_id,
@@ -324,7 +361,50 @@ class NodeSession:
         )
         self.send(UploadAck(lease=message.lease, name=message.name, received=held))
 
-    def _on_result(self, message: Result) -> None:
+    async def _on_result(self, message: Result) -> None:
+        if self.runtime.upload_wanted(message.lease):
+            # First of all, on every path (direct or relayed): the node signed what it was
+            # given and what it returns; whatever altered either on the way is caught here.
+            try:
+                problem = await self.runtime.result_forged(self._id, message)
+            except StoreError as exc:  # rebuilding an offer made before a restart
+                log.error(
+                    "node %s: cannot check the result of lease %d: %s",
+                    self.node_id,
+                    message.lease,
+                    exc,
+                )
+                self._send_error(ErrorCode.INTERNAL, "the hub cannot take results right now")
+                return
+            if problem is not None:
+                log.warning(
+                    "node %s of %s: result of lease %d (task %s) refused, %s: %s",
+                    self.node_id,
+                    self.volunteer,
+                    message.lease,
+                    self.runtime.offered_task(message.lease) or f"{message.task!r}?",
+                    f"via relay {self.via}" if self.via else "direct connection",
+                    problem,
+                )
+                reason = "the result's signature does not verify: altered on the way"
+                try:
+                    # Given back, not failed: the task is run again, no attempt counted;
+                    # committed before the node is told to forget the result.
+                    declined = ev.LeasesDeclined(
+                        self._id, (message.lease,), reason, self.runtime.now()
+                    )
+                    await self.runtime.submit_and_wait(declined)
+                except StoreError:
+                    self.close()  # the hub is stopping: the node sends the result again
+                    return
+                self.send(ResultAck(lease=message.lease, accepted=False, reason=reason))
+                path = f" through relay {self.via}" if self.via else ""
+                self._send_error(
+                    ErrorCode.RELAY,
+                    f"the result of lease {message.lease} was altered on its way to the hub"
+                    f"{path} (its signature does not verify); the lease was given back",
+                )
+                return
         wanted = message.ok and self.runtime.upload_wanted(message.lease)
         missing = self.runtime.missing_output(message.files) if wanted else None
         if missing is not None:
@@ -351,6 +431,26 @@ class NodeSession:
     def _on_goodbye(self, message: Goodbye) -> None:
         log.info("node %s says goodbye: %s", self.node_id, message.reason[:200])
         self.close()
+
+    # ---- relaying for peers -------------------------------------------------------------
+
+    def _on_peer_opened(self, message: PeerOpened) -> None:
+        if self.peers is None:
+            self.peers = RelayedPeers(self, self._relayed_session)
+            log.info("node %s of %s is relaying for peers", self.node_id, self.volunteer)
+        self.peers.opened(message)
+
+    def _relayed_session(self, transport: RelayedTransport) -> NodeSession:
+        return NodeSession(self.runtime, transport, via=self)
+
+    async def _on_relayed(self, message: Relayed) -> None:
+        if self.peers is None:
+            raise RemoteProtocolError(f"relayed: peer {message.peer} was never opened")
+        await self.peers.relayed(message)
+
+    def _on_peer_closed(self, message: PeerClosed) -> None:
+        if self.peers is not None:
+            self.peers.closed(message)
 
     def _on_error(self, message: Error) -> None:
         log.warning(

@@ -104,6 +104,21 @@ class EnrollmentStore(StoreBase):
         with self.engine.connect() as conn:
             return conn.execute(select(Bundle.content).where(Bundle.digest == digest)).scalar()
 
+    def bundles_by(self, project_id: int, at: float, count: int = 2) -> list[str]:
+        """Digests of the project's newest ``count`` bundles registered by ``at``, newest first.
+
+        What a lease offered at ``at`` may have named: the bundle current then, or the one
+        before it if the scheduler had not yet heard of the newer one.
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(Bundle.digest)
+                .where(Bundle.project_id == project_id, Bundle.created_at <= at)
+                .order_by(Bundle.version.desc())
+                .limit(count)
+            )
+            return [digest for (digest,) in rows]
+
     # ---- volunteers and nodes ---------------------------------------------------------
 
     def enroll_node(

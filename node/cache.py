@@ -61,6 +61,17 @@ class BundleCache:
             part.unlink(missing_ok=True)
             raise BundleError(f"bundle download refused: {exc}") from None
 
+    def adopt(self, digest: str, project: str, archive: Path) -> Path:
+        """Verify and extract a copy of a complete archive held elsewhere on this node
+        (a relay's cache); like ``install``, raises BundleError."""
+        part = self.directory / f"{digest}.part"
+        try:
+            shutil.copyfile(archive, part)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            raise BundleError(f"cannot copy the bundle: {exc.strerror}") from None
+        return self.install(digest, project)
+
     def install(self, digest: str, project: str) -> Path:
         """Verify a complete download and extract it; returns the directory.
 

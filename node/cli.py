@@ -26,8 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_node_config(args.config)
-        if config.relay is not None:
-            raise IsscError("relay: not supported by this version of issc-node yet")
         if config.tls is not None:
             raise IsscError("tls: not supported by this version of issc-node yet")
         asyncio.run(_run(NodeClient(config)))

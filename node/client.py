@@ -26,6 +26,7 @@ from typing import Any, NoReturn, TypeVar
 
 from issc import __version__
 from issc.config import Address, NodeConfig
+from issc.discovery import discover_relays
 from issc.errors import (
     BundleError,
     ExecutionError,
@@ -55,8 +56,10 @@ from issc.protocol import (
     Hello,
     Message,
     Offer,
+    PeerClosed,
     Proof,
     Ready,
+    Relayed,
     ResultAck,
     Role,
     State,
@@ -70,11 +73,12 @@ from node.executor import Executor, RunOutcome, RunRequest, make_executor
 from node.fetch import BundleFetcher, InputFetcher
 from node.files import FileCache
 from node.identity import NodeIdentity
+from node.relay import RelayServer, Uplink
 from node.runs import failure
 from node.sandbox import remove_tree
 from node.spool import ResultSpool
 from node.transfer import Send
-from node.upload import Uploader
+from node.upload import Uploader, given_record, sign_record
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,9 @@ BACKOFF_CAP = 30.0
 READ_SIZE = 256 * 1024
 MAX_ERROR = 16 * 1024  # characters of an error message sent to the hub
 STOP_GRACE = 5.0  # seconds to deliver spooled results and say goodbye on a clean stop
+AVOID_SECONDS = 600.0  # an address whose relay altered traffic is skipped this long
+LIMIT_AVOID_SECONDS = 30.0  # an address that refused us for a limit is skipped this long
+PROBE_TIMEOUT = 2.0
 _M = TypeVar("_M", bound=Message)
 
 
@@ -108,6 +115,9 @@ class _Link:
     writer: asyncio.StreamWriter
     address: Address
     last_heard: float = 0.0
+    rank: int = 0  # place of ``address`` among the addresses tried; 0 = the preferred one
+    fallbacks: bool = False  # whether addresses after this one were there to try
+    moving_to: Address | None = None  # closed on purpose to move to a preferred address
 
 
 class NodeClient:
@@ -134,7 +144,19 @@ class NodeClient:
         files = FileCache(data / "files", config.file_cache_bytes, config.file_cache_seconds)
         files.evict()
         self.inputs = InputFetcher(files)
-        self.uploads = Uploader()
+        self.relay: RelayServer | None = None
+        if config.relay is not None:
+            self.relay = RelayServer(
+                config.relay,
+                self.identity.node_id,
+                data,
+                self.inputs,
+                config.file_cache_bytes,
+                config.file_cache_seconds,
+            )
+            # The relay's own tasks take their bundles from its relay cache: one download.
+            self.bundles = BundleFetcher(self.cache, source=self.relay.bundles.fetch_blob)
+        self.uploads = Uploader(signer=self.identity)
         self.scratch = data / "scratch"
         # Leftovers of runs killed with the node: nothing in them will be used again.
         # remove_tree, not rmtree: in/ is read-only (0555) and a task may have chmodded more.
@@ -146,6 +168,8 @@ class NodeClient:
         self.stopping = False
         self.heartbeat_interval = 5.0
         self.heartbeat_misses = 3
+        self._avoid: dict[Address, float] = {}  # address -> loop time until which it is skipped
+        self._last_address: Address | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -158,6 +182,8 @@ class NodeClient:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve hubs until ``stop`` is set; raises FatalNodeError if refused for good."""
+        if self.relay is not None:
+            await self.relay.start()
         serving = asyncio.create_task(self._connect_forever())
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -184,15 +210,32 @@ class NodeClient:
             except FatalNodeError:
                 raise
             except (IsscError, ConnectionError, OSError, TimeoutError) as exc:
-                log.warning("connection to %s lost: %s", link.address, exc)
-                failures += 1
+                if link.moving_to is None:
+                    log.warning("connection to %s lost: %s", link.address, exc)
+                    failures += 1
             finally:
                 self._drop_link(link)
-            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**failures))
-            await asyncio.sleep(delay)
+            if link.moving_to is None:
+                delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**failures))
+                await asyncio.sleep(delay)
+
+    async def _candidates(self) -> list[Address]:
+        """Addresses to try, best first: relays found by discovery, then ``hub:`` in
+        order; addresses whose relay altered traffic are skipped while others remain."""
+        found: list[Address] = []
+        discover = self.config.discover
+        if discover is not None:
+            found = await discover_relays(
+                discover.address, discover.port, discover.timeout, exclude=self.identity.node_id
+            )
+        ordered = list(dict.fromkeys([*found, *self.config.hubs]))
+        now = asyncio.get_running_loop().time()
+        usable = [a for a in ordered if self._avoid.get(a, 0.0) <= now]
+        return usable or ordered
 
     async def _connect_any(self) -> _Link | None:
-        for address in self.config.hubs:
+        candidates = await self._candidates()
+        for rank, address in enumerate(candidates):
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(address.host, address.port), CONNECT_TIMEOUT
@@ -201,8 +244,40 @@ class NodeClient:
                 log.debug("cannot reach %s: %s", address, exc)
                 continue
             loop = asyncio.get_running_loop()
-            return _Link(Connection(Role.NODE), reader, writer, address, loop.time())
+            fallbacks = rank < len(candidates) - 1
+            return _Link(
+                Connection(Role.NODE), reader, writer, address, loop.time(), rank, fallbacks
+            )
         return None
+
+    async def _prefer_earlier(self, link: _Link) -> None:
+        """While connected to a fallback address, look for a preferred one coming back
+        (a relay that restarted, say) and move there; running tasks keep running and
+        their leases are resumed over the new connection."""
+        while True:
+            await asyncio.sleep(max(1.0, 3 * self.heartbeat_interval))
+            candidates = await self._candidates()
+            if link.address in candidates:
+                candidates = candidates[: candidates.index(link.address)]
+            for address in candidates:
+                if await _reachable(address):
+                    log.info("%s is reachable again; moving there from %s", address, link.address)
+                    link.moving_to = address
+                    with contextlib.suppress(Exception):
+                        self._send(link, Goodbye(reason=f"moving to {address}"))
+                    link.writer.close()
+                    return
+
+    def _avoid_address(self, link: _Link, why: str) -> None:
+        """Skip ``link``'s address for AVOID_SECONDS while others remain: what passed
+        through it was altered or withheld (a relay that tampers)."""
+        log.warning(
+            "traffic through %s was altered (%s); avoiding it for %g s",
+            link.address,
+            why,
+            AVOID_SECONDS,
+        )
+        self._avoid[link.address] = asyncio.get_running_loop().time() + AVOID_SECONDS
 
     def _drop_link(self, link: _Link) -> None:
         if self.link is link:
@@ -210,6 +285,8 @@ class NodeClient:
             self.bundles.detach()
             self.inputs.detach()
             self.uploads.detach()
+            if self.relay is not None:
+                self.relay.uplink_down()
         with contextlib.suppress(Exception):
             link.writer.close()
 
@@ -218,7 +295,9 @@ class NodeClient:
     async def _serve(self, link: _Link) -> None:
         welcome = await self._handshake(link)
         self._welcomed(link, welcome)
-        heartbeat = asyncio.create_task(self._heartbeats(link))
+        helpers = [asyncio.create_task(self._heartbeats(link))]
+        if link.rank > 0 or self.config.discover is not None:
+            helpers.append(asyncio.create_task(self._prefer_earlier(link)))
         try:
             while True:
                 message = await self._next_message(link)
@@ -227,7 +306,8 @@ class NodeClient:
                 link.last_heard = asyncio.get_running_loop().time()
                 await self._dispatch(link, message)
         finally:
-            heartbeat.cancel()
+            for helper in helpers:
+                helper.cancel()
 
     async def _handshake(self, link: _Link) -> Welcome:
         """hello, challenge, proof, welcome.
@@ -270,6 +350,8 @@ class NodeClient:
     async def _handshake_reply(self, link: _Link, kind: type[_M]) -> _M:
         message = await asyncio.wait_for(self._next_message(link), CONNECT_TIMEOUT)
         if isinstance(message, Error):
+            if message.code == ErrorCode.LIMIT:  # a full relay, say: try the others first
+                self._avoid[link.address] = asyncio.get_running_loop().time() + LIMIT_AVOID_SECONDS
             self._refused(message)
         if not isinstance(message, kind):
             raise RemoteProtocolError("the hub closed the connection during the handshake")
@@ -280,6 +362,11 @@ class NodeClient:
         self.heartbeat_misses = welcome.heartbeat_misses
         link.conn.set_max_frame_size(welcome.max_frame_size)
         log.info("connected to %s as node %s", link.address, welcome.node_id)
+        if link.address != self._last_address:
+            # A bundle refused as it came over another path (a relay that altered it)
+            # may be fine from here.
+            self.cache.refused.clear()
+            self._last_address = link.address
         resumed = set(welcome.resumed)
         for lease, running in list(self.running.items()):
             if lease not in resumed:
@@ -290,6 +377,8 @@ class NodeClient:
         self.bundles.attach(send)
         self.inputs.attach(send)  # downloads of resumed leases go on from their partial files
         self.uploads.attach(send)
+        if self.relay is not None:
+            self.relay.uplink_up(Uplink(send, link.writer.drain, welcome.max_frame_size))
         for lease in self.spool.leases():
             record = self.spool.load(lease)
             if record is not None:
@@ -363,6 +452,8 @@ class NodeClient:
                     self.spool.remove(lease)
             case BundleChunk():
                 self.bundles.feed(message.digest, message.offset, message.total, message.data)
+                if self.relay is not None:
+                    self.relay.on_bundle_chunk(message)
             case FileChunk():
                 self.inputs.on_chunk(message)
             case UploadAck():
@@ -376,7 +467,15 @@ class NodeClient:
                     )
             case HeartbeatAck():
                 pass
+            case Relayed() | PeerClosed():
+                if self.relay is None:
+                    raise RemoteProtocolError(
+                        f"the hub sent {message.TAG!r} to a node not relaying"
+                    )
+                self.relay.on_uplink_message(message)
             case Error():
+                if message.code == ErrorCode.RELAY:
+                    self._avoid_address(link, f"the hub says: {message.message[:500]}")
                 self._refused(message)
 
     async def _take_offers(self, link: _Link, offers: list[TaskOffer]) -> None:
@@ -452,7 +551,7 @@ class NodeClient:
         try:
             with self.inputs.pinned(offer.files):  # never evicted while the task lives
                 inputs, outcome = await self._inputs_of(running)
-                if outcome is None:
+                if outcome is None and (inputs or not offer.files):
                     outcome = await self._execute(offer, manifest, bundle_dir, inputs)
         except asyncio.CancelledError:
             if not running.cancelled:
@@ -470,15 +569,31 @@ class NodeClient:
         self._send_ready()
 
     async def _inputs_of(self, running: Running) -> tuple[dict[str, Path], RunOutcome | None]:
-        """The task's input files by name (waiting for a connection if need be), or a failed
-        outcome naming the file that could not be had."""
+        """The task's input files by name (waiting for a connection if need be); or a
+        failed outcome naming the file that could not be had; or, when it was given back
+        instead, no files and no outcome.
+
+        Files that cannot be had over a connection with other addresses after it (a relay
+        that withholds or alters them, say) are not the task's fault: the lease is given
+        back, no attempt counted, and the address avoided. Over the last address (the
+        hub itself) the task fails, so that a file the hub cannot serve ends as F with
+        the cause, not in offers without end.
+        """
         if not running.offer.files:
             return {}, None
         running.fetching = True
         try:
             return await self.inputs.fetch_all(running.offer.files), None
         except (FileTransferError, OSError) as exc:
-            return {}, failure(f"cannot fetch the input files: {exc}")
+            link = self.link
+            if link is None or not link.fallbacks or isinstance(exc, OSError):
+                return {}, failure(f"cannot fetch the input files: {exc}")
+            lease = running.offer.lease
+            log.warning("giving lease %d back: cannot fetch its input files: %s", lease, exc)
+            self._send(link, Decline(leases=[lease], reason=f"input files: {exc}"[:500]))
+            self._avoid_address(link, f"input files could not be had: {exc}")
+            link.writer.close()
+            return {}, None
         finally:
             running.fetching = False
 
@@ -516,13 +631,23 @@ class NodeClient:
             "cpu_seconds": outcome.cpu_seconds,
             "wall_seconds": outcome.wall_seconds,
             "files": files,
+            "given": given_record(offer),
         }
+        try:
+            # Signed as it will travel (after _sendable), and kept with it: a result sent
+            # again after a restart carries the same signature.
+            sign_record(self.identity, record)
+        except ValueError as exc:  # a lone surrogate in the result: not UTF-8, cannot travel
+            self.spool.discard_outputs(offer.lease)
+            error = f"result cannot be sent: {exc}"
+            record.update(ok=False, result=None, error=error, files=[])
+            sign_record(self.identity, record)
         self.spool.put(offer.lease, record)
         log.info(
             "task %s/%s %s in %.2f s",
             offer.project,
             offer.task,
-            "done" if outcome.ok else f"failed: {outcome.error}",
+            "done" if record["ok"] else f"failed: {record['error']}",
             outcome.wall_seconds,
         )
         self.uploads.submit(record, self.spool.output_dir(offer.lease))
@@ -558,6 +683,8 @@ class NodeClient:
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await serving
+        if self.relay is not None:
+            await self.relay.close()
         await self.bundles.close()
         await self.inputs.close()
         for executor in self.executors.values():
@@ -573,3 +700,16 @@ def _sendable(outcome: RunOutcome) -> RunOutcome:
         except LocalProtocolError as exc:
             error, outcome = f"result cannot be sent: {exc}", replace(outcome, ok=False)
     return replace(outcome, error=error, result=outcome.result if outcome.ok else None)
+
+
+async def _reachable(address: Address) -> bool:
+    """Whether a TCP connection to ``address`` opens (a relay listens only while it can
+    reach the hub)."""
+    try:
+        _reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(address.host, address.port), PROBE_TIMEOUT
+        )
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 from issc.errors import BundleError, FileTransferError
 from issc.names import PLAIN_NAME_RE, SHA256_RE
-from issc.protocol import FetchBundle, FetchFile, FileChunk, FileRef
+from issc.protocol import FetchBundle, FetchFile, FileChunk, FileRef, Message
 from node.cache import BundleCache
 from node.files import MAX_INPUT_FILE_SIZE, DigestMismatchError, FileCache
 from node.taskfiles import MAX_FILES
@@ -41,11 +41,15 @@ class BundleFetcher(Fetcher):
         self,
         cache: BundleCache,
         *,
+        source: Callable[[str, int], Awaitable[Path]] | None = None,
         stall_seconds: float = STALL_SECONDS,
         max_stalls: int = MAX_STALLS,
     ) -> None:
+        """``source(digest, size)``, if given, provides the archive (a relay's own
+        cache, which fetches each bundle once for the relay and its peers)."""
         super().__init__(stall_seconds=stall_seconds, max_stalls=max_stalls)
         self.cache = cache
+        self.source = source
 
     async def fetch(self, digest: str, project: str, size: int) -> Path:
         """The verified bundle directory, downloaded over the current connection if needed.
@@ -66,6 +70,12 @@ class BundleFetcher(Fetcher):
         return await self.shared(digest, lambda: self._download(digest, project, size))
 
     async def _download(self, digest: str, project: str, size: int) -> Path:
+        if self.source is not None:
+            try:
+                archive = await self.source(digest, size)
+            except FileTransferError as exc:
+                raise ConnectionError(f"cannot fetch bundle {digest[:12]}: {exc}") from None
+            return await asyncio.to_thread(self.cache.adopt, digest, project, archive)
         offset = self.cache.partial_size(digest)
         log.info("fetching bundle %s of %s (%d bytes, from %d)", digest[:12], project, size, offset)
         await self.transfer(
@@ -77,7 +87,68 @@ class BundleFetcher(Fetcher):
         return self.cache.install(digest, project)
 
 
-class InputFetcher(Fetcher):
+class BlobFetcher(Fetcher):
+    """Files by SHA-256, kept in ``cache`` and asked for with ``request(sha256, offset)``.
+
+    The downloads wait for a connection while there is none and resume from the partial
+    length. A digest mismatch discards the data and fetches once more; a second mismatch,
+    a stalled hub or a refused chunk fails everyone waiting for the file.
+    """
+
+    def __init__(
+        self,
+        cache: FileCache,
+        request: Callable[[str, int], Message],
+        *,
+        stall_seconds: float = STALL_SECONDS,
+        max_stalls: int = MAX_STALLS,
+    ) -> None:
+        super().__init__(stall_seconds=stall_seconds, max_stalls=max_stalls)
+        self.cache = cache
+        self._request = request
+
+    async def fetch_blob(self, sha256: str, size: int) -> Path:
+        """The cached file with this digest and size. Raises FileTransferError."""
+        cached = self.cache.path(sha256)
+        if cached is not None:
+            return cached
+        return await self.shared(sha256, lambda: self._download(sha256, size))
+
+    async def _download(self, sha256: str, size: int) -> Path:
+        mismatches = 0
+        while True:
+            await self.connected()
+            offset = self.cache.partial_size(sha256)
+            if offset > size:  # left by an earlier offer that named another size
+                self.cache.discard(sha256)
+                offset = 0
+            # A part already complete (the node stopped before checking it) needs no ask.
+            if offset < size or size == 0:
+                log.info("fetching %s (%d bytes, from %d)", sha256[:12], size, offset)
+                try:
+                    await self.transfer(
+                        sha256,
+                        offset,
+                        lambda at: self._request(sha256, at),
+                        lambda at, total, data: self.cache.append_chunk(
+                            sha256, at, total, data, size=size
+                        ),
+                    )
+                except ConnectionError:
+                    continue  # resumed from the partial length on the next connection
+            try:
+                path = await asyncio.to_thread(self.cache.finish, sha256)
+            except DigestMismatchError as exc:
+                mismatches += 1
+                if mismatches >= MAX_DIGEST_MISMATCHES:
+                    raise DigestMismatchError(f"{exc} (twice)") from None
+                log.warning("%s: %s; fetching it once more", sha256[:12], exc)
+                continue
+            self.cache.evict()
+            return path
+
+
+class InputFetcher(BlobFetcher):
     """Tasks' input files by SHA-256, kept in ``cache``."""
 
     def __init__(
@@ -87,8 +158,12 @@ class InputFetcher(Fetcher):
         stall_seconds: float = STALL_SECONDS,
         max_stalls: int = MAX_STALLS,
     ) -> None:
-        super().__init__(stall_seconds=stall_seconds, max_stalls=max_stalls)
-        self.cache = cache
+        super().__init__(
+            cache,
+            lambda sha256, at: FetchFile(sha256=sha256, offset=at),
+            stall_seconds=stall_seconds,
+            max_stalls=max_stalls,
+        )
 
     def on_chunk(self, chunk: FileChunk) -> None:
         self.feed(chunk.sha256, chunk.offset, chunk.total, chunk.data)
@@ -113,50 +188,13 @@ class InputFetcher(Fetcher):
         for ref in refs:
             try:
                 paths[ref.name] = await self.fetch(ref)
-            except FileTransferError as exc:
-                raise FileTransferError(f"input file {ref.name}: {exc}") from None
+            except FileTransferError as exc:  # the same kind, naming the file
+                raise type(exc)(f"input file {ref.name}: {exc}") from None
         return paths
 
     async def fetch(self, ref: FileRef) -> Path:
         """One input file's cached path. Raises FileTransferError."""
-        cached = self.cache.path(ref.sha256)
-        if cached is not None:
-            return cached
-        return await self.shared(ref.sha256, lambda: self._download(ref))
-
-    async def _download(self, ref: FileRef) -> Path:
-        sha256, size = ref.sha256, ref.size
-        mismatches = 0
-        while True:
-            await self.connected()
-            offset = self.cache.partial_size(sha256)
-            if offset > size:  # left by an earlier offer that named another size
-                self.cache.discard(sha256)
-                offset = 0
-            # A part already complete (the node stopped before checking it) needs no ask.
-            if offset < size or size == 0:
-                log.info("fetching input file %s (%d bytes, from %d)", sha256[:12], size, offset)
-                try:
-                    await self.transfer(
-                        sha256,
-                        offset,
-                        lambda at: FetchFile(sha256=sha256, offset=at),
-                        lambda at, total, data: self.cache.append_chunk(
-                            sha256, at, total, data, size=size
-                        ),
-                    )
-                except ConnectionError:
-                    continue  # resumed from the partial length on the next connection
-            try:
-                path = await asyncio.to_thread(self.cache.finish, sha256)
-            except DigestMismatchError as exc:
-                mismatches += 1
-                if mismatches >= MAX_DIGEST_MISMATCHES:
-                    raise FileTransferError(f"{exc} (twice)") from None
-                log.warning("input file %s: %s; fetching it once more", sha256[:12], exc)
-                continue
-            self.cache.evict()
-            return path
+        return await self.fetch_blob(ref.sha256, ref.size)
 
 
 def check_refs(refs: Sequence[FileRef]) -> None:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from issc.keys import load_or_create_private_key, load_private_key, public_key_string
 from issc.nodeauth import Claim, node_id_for, sign_proof
+from issc.resultsig import Given, Returned, sign_result
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,15 @@ class NodeIdentity:
         """
         claim = Claim(volunteer=volunteer, public_key=self.public_key, token=token)
         return sign_proof(self.key, nonce, claim)
+
+    def sign_result(self, given: Given, returned: Returned) -> bytes:
+        """The signature for a ``result``: this key over issc.resultsig's transcript of
+        what the node was given under a lease and what it returns.
+
+        Raises:
+            ValueError: a string in it is not UTF-8 (a lone surrogate).
+        """
+        return sign_result(self.key, self.node_id, given, returned)
 
 
 def node_id_in(data_dir: Path) -> str | None:

@@ -9,6 +9,10 @@ there before the record is written); the record's ``files`` lists them as
 ``{"name", "sha256", "size"}``. Records written before output files existed have no
 ``files`` and load as having none. An ``.out`` directory without a record is the
 leftover of a crash before the record was written, and is swept at start-up.
+
+A record also keeps the result's signature (``"signature"``, hex) and what the node was
+given under the lease (``"given"``), see node.upload; records written before results
+were signed have neither, and their result goes unsigned (the hub refuses it).
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@ neither side loops forever.
 
 State lives per connection: ``detach`` forgets everything and the node resubmits its
 spool after the next ``welcome``, where every file starts again with a probe.
+
+Every result is signed with the node's key (issc.resultsig) when it is spooled: the
+record keeps the signature (hex, ``"signature"``) and what the node was given under the
+lease (``"given"``: bundle digest, input digest, input files), so that a result sent
+again after a restart carries the same signature, and a result turned into a failure
+here can be signed anew.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from issc.protocol import BUNDLE_CHUNK_SIZE, FileRef, Message, Result, Upload, UploadAck
+from issc.protocol import BUNDLE_CHUNK_SIZE, FileRef, Message, Result, TaskOffer, Upload, UploadAck
+from issc.resultsig import Given, files_of, json_digest, returned_of
+from node.identity import NodeIdentity
 from node.transfer import Send
 
 log = logging.getLogger(__name__)
@@ -61,10 +69,15 @@ class Uploader:
     """Uploads the files of results and sends the results, over the current connection."""
 
     def __init__(
-        self, *, chunk_size: int = BUNDLE_CHUNK_SIZE, max_setbacks: int = MAX_SETBACKS
+        self,
+        *,
+        chunk_size: int = BUNDLE_CHUNK_SIZE,
+        max_setbacks: int = MAX_SETBACKS,
+        signer: NodeIdentity | None = None,
     ) -> None:
         self.chunk_size = chunk_size
         self.max_setbacks = max_setbacks
+        self.signer = signer  # signs the failure a result becomes when its files cannot go
         self._send: Send | None = None
         self._pending: dict[int, _Pending] = {}
 
@@ -172,16 +185,84 @@ class Uploader:
         error = f"output file {upload.ref.name} could not be uploaded: {reason}"
         log.error("lease %d: %s", pending.record["lease"], error)
         failed = {**pending.record, "ok": False, "result": None, "error": error, "files": []}
+        # The signature was over the result; the failure needs its own, or the hub refuses it.
+        failed.pop("signature", None)
+        if self.signer is not None and "given" in failed:
+            sign_record(self.signer, failed)
+        else:
+            log.error("lease %d: cannot sign the failure; the hub will refuse it", failed["lease"])
         pending.record, pending.files, pending.waiting = failed, {}, None
         pending.result_sent = True
         if self._send is not None:
             self._send(result_message(failed))
 
 
+def given_record(offer: TaskOffer) -> dict[str, Any]:
+    """What the node was given under ``offer``, as its spool record keeps it (``"given"``)."""
+    return {
+        "digest": offer.digest,
+        "input_digest": json_digest(offer.input),
+        "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in offer.files],
+    }
+
+
+def sign_record(identity: NodeIdentity, record: dict[str, Any]) -> None:
+    """Sign a spool record's result as it will travel: sets ``record["signature"]`` (hex).
+
+    ``record`` holds the fields of ``result`` and ``"given"`` (given_record).
+
+    Raises:
+        ValueError: a string in it is not UTF-8 (a lone surrogate): it could not travel.
+    """
+    given = record["given"]
+    signature = identity.sign_result(
+        Given(
+            record["lease"],
+            record["project"],
+            record["task"],
+            given["digest"],
+            given["input_digest"],
+            files_of(given["files"]),
+        ),
+        returned_of(
+            record["ok"],
+            record["result"],
+            record["error"],
+            record["cpu_seconds"],
+            record["wall_seconds"],
+            record["files"],
+        ),
+    )
+    record["signature"] = signature.hex()
+
+
 def result_message(record: dict[str, Any]) -> Message:
-    """The ``result`` message of a spool record."""
+    """The ``result`` message of a spool record.
+
+    A record without a signature (spooled by a node from before results were signed)
+    cannot be signed now, the offer being gone: it goes with an empty one, which the hub
+    refuses (the task is given back and run again).
+    """
     files = [FileRef(name=f["name"], sha256=f["sha256"], size=f["size"]) for f in record["files"]]
-    return Result(**{**record, "files": files})
+    try:
+        signature = bytes.fromhex(record["signature"])
+    except (KeyError, TypeError, ValueError):
+        log.warning(
+            "lease %d: the spooled result has no signature; the hub will refuse it", record["lease"]
+        )
+        signature = b""
+    return Result(
+        lease=record["lease"],
+        project=record["project"],
+        task=record["task"],
+        ok=record["ok"],
+        result=record["result"],
+        error=record["error"],
+        cpu_seconds=record["cpu_seconds"],
+        wall_seconds=record["wall_seconds"],
+        files=files,
+        signature=signature,
+    )
 
 
 def _read(path: Path, offset: int, length: int) -> bytes:

@@ -35,8 +35,11 @@ from issc.protocol.messages import (
     Hello,
     Message,
     Offer,
+    PeerClosed,
+    PeerOpened,
     Proof,
     Ready,
+    Relayed,
     Result,
     ResultAck,
     Upload,
@@ -97,8 +100,12 @@ Event = Message | NeedData | Closed
 
 _NODE_WORK: Final = (
     Heartbeat, Ready, Accept, Decline, BundleRefused, FetchBundle, FetchFile, Upload, Result,
+    PeerOpened, Relayed, PeerClosed,
 )  # fmt: skip
-_HUB_WORK: Final = (Offer, Cancel, BundleChunk, FileChunk, UploadAck, ResultAck, HeartbeatAck)
+_HUB_WORK: Final = (
+    Offer, Cancel, BundleChunk, FileChunk, UploadAck, ResultAck, HeartbeatAck,
+    Relayed, PeerClosed,
+)  # fmt: skip
 
 TRANSITIONS: Final[Mapping[tuple[Role, State, type[Message]], State]] = MappingProxyType(
     {

@@ -31,6 +31,11 @@ BUNDLE_CHUNK_SIZE: Final = 1024 * 1024
 default frame size that the message's other fields always fit beside it."""
 
 
+RELAY_ENVELOPE_OVERHEAD: Final = 256
+"""Bytes a ``relayed`` envelope adds around a frame, generously counted: a peer's frame
+limit is its relay's limit minus this, so every envelope fits the relay's frames."""
+
+
 class ErrorCode(enum.StrEnum):
     """Values of ``Error.code``. Receivers must accept codes they do not know."""
 
@@ -45,6 +50,10 @@ class ErrorCode(enum.StrEnum):
     """A limit was exceeded: too many connections, slots, or a value out of range."""
     INTERNAL = "internal"
     """The sender failed on its own; the peer did nothing wrong and may retry later."""
+    RELAY = "relay"
+    """Something between the node and the hub (a relay) altered what passed through it:
+    a result whose signature does not verify, a bundle that failed the node's checks.
+    The node should reach the hub by another address for a while."""
 
 
 class Message:
@@ -216,6 +225,7 @@ class Result(Message):
     cpu_seconds: float
     wall_seconds: float
     files: list[FileRef]  # output files, uploaded (upload) before the result is sent
+    signature: bytes  # the node key's signature over issc.resultsig's transcript
 
 
 @_register
@@ -342,6 +352,45 @@ class HeartbeatAck(Message):
     """Answer to a heartbeat."""
 
     TAG: ClassVar[str] = "heartbeat_ack"
+
+
+# ---------------------------------------------------------------- relaying
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerOpened(Message):
+    """Relay -> hub: a peer connected to the relay; ``relayed`` frames of it follow.
+
+    ``peer`` is the relay's number for this one connection, larger than every number it
+    used before on this uplink; ``address`` is where the peer connected from (shown to
+    admins, never trusted)."""
+
+    TAG: ClassVar[str] = "peer_opened"
+    peer: int
+    address: str
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Relayed(Message):
+    """One whole frame (length header and body) of a peer's conversation with the hub,
+    carried over the relay's own connection: relay -> hub what the peer sent, hub ->
+    relay what the peer is to receive."""
+
+    TAG: ClassVar[str] = "relayed"
+    peer: int
+    frame: bytes
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerClosed(Message):
+    """The peer's connection ended (relay -> hub), or must be ended (hub -> relay)."""
+
+    TAG: ClassVar[str] = "peer_closed"
+    peer: int
+    reason: str
 
 
 # ---------------------------------------------------------------- either side

@@ -345,6 +345,22 @@ def test_status_human_summary_of_a_minimal_reply(
     assert "tasks     0 total: NA 0  TA 0  A 0  C 0  F 0  X 0" in out
 
 
+def test_status_human_summary_shows_what_the_hub_sent(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    transfers = {
+        "bundles_sent": 3,
+        "bundle_bytes_sent": 3 * 1024 * 1024,
+        "file_bytes_sent": 512,
+        "upload_bytes_received": 2048,
+    }
+    reply = {"tasks": {"NA": 0}, "nodes": {"connected": 0}, "projects": 0, "transfers": transfers}
+    hub.answer("status", reply)
+    status, out, _ = run(capsys, "--socket", str(hub.path), "status")
+    assert status == 0
+    assert "sent      3 bundles (3.0 MiB), input files 512 B; received outputs 2.0 KiB" in out, out
+
+
 def test_nodes_human_table(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "--socket", str(hub.path), "nodes")
     assert status == 0

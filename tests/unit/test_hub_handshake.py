@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from hub.runtime import HubRuntime
 from hub.session import NodeSession
 from hub.store import AsyncStore, Store
+from hub.transport import StreamTransport
 from issc.keys import public_key_string
 from issc.nodeauth import Claim, node_id_for, sign_proof, transcript
 from issc.protocol import (
@@ -152,7 +153,7 @@ async def start_hub(tmp_path: Path, registration: str) -> tuple[Hub, asyncio.Ser
     runtime = FakeRuntime(store, registration)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await NodeSession(runtime, reader, writer).serve()  # type: ignore[arg-type]
+        await NodeSession(runtime, StreamTransport(reader, writer)).serve()  # type: ignore[arg-type]
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     return Hub(runtime, server.sockets[0].getsockname()[1]), server

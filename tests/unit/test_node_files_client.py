@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,7 +21,8 @@ import yaml
 
 from issc.bundle import pack_bundle
 from issc.config import load_node_config
-from issc.keys import generate_key
+from issc.errors import AuthError
+from issc.keys import generate_key, parse_public_key
 from issc.nodeauth import Claim, new_nonce, node_id_for, verify_proof
 from issc.protocol import (
     NEED_DATA,
@@ -49,6 +50,7 @@ from issc.protocol import (
     UploadAck,
     Welcome,
 )
+from issc.resultsig import given_of, returned_of, verify_result
 from node.client import NodeClient
 
 pytestmark = pytest.mark.timeout(30)
@@ -263,6 +265,58 @@ async def test_an_input_that_fails_its_digest_twice_fails_the_task_naming_the_fi
     assert result.files == []
     assert result.error is not None and "input file data.bin" in result.error
     assert "SHA-256" in result.error
+    hub.send(ResultAck(lease=1, accepted=True, reason=None))
+    await spool_drained(setup)
+
+
+def check_signed(hello: Hello, offer: TaskOffer, result: Result) -> None:
+    """Raise AuthError unless ``result`` is signed by the hello's key over ``offer`` (as the
+    hub rebuilds it from what it offered) and the result as it arrived."""
+    given = given_of(offer.lease, offer.project, offer.task, offer.digest, offer.input, offer.files)
+    returned = returned_of(
+        result.ok,
+        result.result,
+        result.error,
+        result.cpu_seconds,
+        result.wall_seconds,
+        result.files,
+    )
+    key = parse_public_key(hello.public_key)
+    verify_result(key, result.signature, node_id_for(hello.public_key), given, returned)
+
+
+async def test_the_result_is_signed_spooled_with_its_signature_and_resent_alike(
+    setup: Setup,
+) -> None:
+    hub = await setup.connections.get()
+    hello = await hub.handshake(resumed=[])
+    hub.send(Offer(tasks=[setup.offer]))
+    ask = await hub.expect(FetchBundle)
+    hub.send(BundleChunk(digest=ask.digest, offset=0, total=len(setup.bundle), data=setup.bundle))
+    assert (await hub.expect(Accept)).leases == [1]
+    for _ in range(3):
+        hub.serve_file(await hub.expect(FetchFile))
+    probe = await hub.expect(Upload)
+    hub.send(UploadAck(lease=1, name=probe.name, received=probe.size))  # held already
+    result = await hub.expect(Result)
+    assert result.ok, result.error
+    check_signed(hello, setup.offer, result)
+    with pytest.raises(AuthError):  # a relay changing the result would be caught
+        check_signed(hello, setup.offer, replace(result, result={"copied": 1}))
+    with pytest.raises(AuthError):  # ... and so would one that had changed the input
+        check_signed(hello, replace(setup.offer, input={"n": 1}), result)
+    record = setup.client.spool.load(1)
+    assert record is not None and record["signature"] == result.signature.hex()
+    hub.close()  # the ack is lost
+
+    hub = await setup.connections.get()
+    hello = await hub.handshake(resumed=[])
+    assert hello.leases == [1]  # still spooled
+    probe = await hub.expect(Upload)
+    hub.send(UploadAck(lease=1, name=probe.name, received=probe.size))
+    again = await hub.expect(Result)
+    assert again == result  # same result, same signature
+    check_signed(hello, setup.offer, again)
     hub.send(ResultAck(lease=1, accepted=True, reason=None))
     await spool_drained(setup)
 

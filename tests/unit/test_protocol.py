@@ -47,8 +47,11 @@ from issc.protocol import (
     Message,
     NeedData,
     Offer,
+    PeerClosed,
+    PeerOpened,
     Proof,
     Ready,
+    Relayed,
     Result,
     ResultAck,
     Role,
@@ -98,6 +101,7 @@ RESULT = Result(
     cpu_seconds=0.41,
     wall_seconds=0.5,
     files=[FileRef(name="counts.json", sha256=DIGEST, size=120)],
+    signature=b"\x02" * 64,
 )
 
 OFFER = Offer(
@@ -142,6 +146,9 @@ SAMPLES: dict[str, Message] = {
     "upload": Upload(lease=7, name="out.png", sha256=DIGEST, size=10, offset=4, data=b"abcdef"),
     "result": RESULT,
     "goodbye": Goodbye(reason="volunteer stopped the node"),
+    "peer_opened": PeerOpened(peer=1, address="192.0.2.7:50312"),
+    "relayed": Relayed(peer=1, frame=b"\x00\x00\x00\x01\x80"),
+    "peer_closed": PeerClosed(peer=1, reason="the peer disconnected"),
     "challenge": CHALLENGE,
     "welcome": WELCOME,
     "offer": OFFER,
@@ -288,6 +295,7 @@ def test_error_code_roundtrips_as_plain_string() -> None:
         "auth",
         "limit",
         "internal",
+        "relay",
     }
 
 

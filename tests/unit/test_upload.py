@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from issc.protocol import FileRef, Message, Result, Upload, UploadAck
-from node.upload import Uploader
+from issc.errors import AuthError
+from issc.protocol import FileRef, Message, Result, TaskOffer, Upload, UploadAck
+from issc.resultsig import given_of, returned_of, verify_result
+from node.identity import NodeIdentity
+from node.upload import Uploader, given_record, result_message, sign_record
 
 CHUNK = 1000
 LEASE = 7
+IDENTITY = NodeIdentity._of(Ed25519PrivateKey.from_private_bytes(b"\x41" * 32), Path("node.key"))
+OFFER = TaskOffer(
+    lease=LEASE,
+    project="p",
+    task="t-1",
+    version=1,
+    digest="d" * 64,
+    size=100,
+    input={"text": "three small words"},
+    files=[FileRef(name="in.txt", sha256="e" * 64, size=17)],
+)
 
 
 class Link:
@@ -61,7 +77,7 @@ def make_record(files_dir: Path, names: tuple[str, ...] = ("big.bin", "small.txt
                 "size": len(FILES[name]),
             }
         )
-    return {
+    record = {
         "lease": LEASE,
         "project": "p",
         "task": "t-1",
@@ -71,7 +87,10 @@ def make_record(files_dir: Path, names: tuple[str, ...] = ("big.bin", "small.txt
         "cpu_seconds": 0.5,
         "wall_seconds": 0.75,
         "files": entries,
+        "given": given_record(OFFER),
     }
+    sign_record(IDENTITY, record)
+    return record
 
 
 def refs(record: Any) -> list[FileRef]:
@@ -80,7 +99,22 @@ def refs(record: Any) -> list[FileRef]:
 
 @pytest.fixture
 def uploader() -> Uploader:
-    return Uploader(chunk_size=CHUNK, max_setbacks=3)
+    return Uploader(chunk_size=CHUNK, max_setbacks=3, signer=IDENTITY)
+
+
+def verify(result: Message) -> None:
+    """Raise AuthError unless ``result`` is IDENTITY's signed result for OFFER, as sent."""
+    assert isinstance(result, Result)
+    given = given_of(LEASE, "p", "t-1", OFFER.digest, OFFER.input, OFFER.files)
+    returned = returned_of(
+        result.ok,
+        result.result,
+        result.error,
+        result.cpu_seconds,
+        result.wall_seconds,
+        result.files,
+    )
+    verify_result(IDENTITY.key.public_key(), result.signature, IDENTITY.node_id, given, returned)
 
 
 def test_probe_then_chunks_then_the_result_listing_the_files(
@@ -106,6 +140,8 @@ def test_probe_then_chunks_then_the_result_listing_the_files(
     assert len(sent) == 1 and isinstance(sent[0], Result)
     assert sent[0].files == refs(record)
     assert (sent[0].ok, sent[0].result, sent[0].lease) == (True, {"words": 3}, LEASE)
+    verify(sent[0])
+    assert sent[0].signature.hex() == record["signature"]
 
 
 def test_files_the_hub_already_holds_are_not_sent_again(tmp_path: Path, uploader: Uploader) -> None:
@@ -194,6 +230,7 @@ def test_a_hub_that_keeps_refusing_the_bytes_gets_a_failed_result(
     assert len(sent) == 1 and isinstance(sent[0], Result)
     assert sent[0].ok is False and sent[0].files == [] and sent[0].result is None
     assert "output file big.bin could not be uploaded" in (sent[0].error or "")
+    verify(sent[0])  # signed anew: the failure is the node's word too
     link.ack("big.bin", 0)
     assert link.sent == []
 
@@ -220,3 +257,27 @@ def test_an_acknowledged_result_is_forgotten(tmp_path: Path, uploader: Uploader)
     link.take()
     link.ack("big.bin", 0)
     assert link.sent == []
+
+
+def test_a_signed_record_survives_the_spool_and_a_tampered_one_does_not_verify(
+    tmp_path: Path,
+) -> None:
+    record = make_record(tmp_path / "out", names=())
+    spooled = json.loads(json.dumps(record))  # what a restarted node reads back
+    message = result_message(spooled)
+    verify(message)
+    assert message == result_message(record)
+    with pytest.raises(AuthError):
+        verify(result_message({**spooled, "result": {"words": 4}}))
+    with pytest.raises(AuthError):
+        verify(result_message({**spooled, "cpu_seconds": 0.25}))
+
+
+def test_a_record_spooled_before_signatures_goes_unsigned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = make_record(tmp_path / "out", names=())
+    del record["signature"], record["given"]
+    message = result_message(record)
+    assert isinstance(message, Result) and message.signature == b""
+    assert "no signature" in caplog.text
