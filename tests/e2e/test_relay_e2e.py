@@ -6,6 +6,9 @@ the gate, so "mid-run" (for the relay's kill -9) is a state the test waits for.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import signal
 import sys
 from collections import Counter
@@ -20,7 +23,9 @@ from e2e_harness import (
     Node,
     OwnerKey,
     free_port,
+    pack,
     wait_until,
+    write_project,
     write_tasks,
 )
 
@@ -165,6 +170,28 @@ class TamperingRelay(Node):
         return [sys.executable, str(script), self.tamper, "--config", str(self.config_path)]
 
 
+def start_tampering_relay(
+    cluster: Cluster, hub: Hub, tamper: str, trusted: dict[str, str]
+) -> tuple[TamperingRelay, str]:
+    """A relay that only relays (it runs nothing itself) and alters ``tamper``."""
+    port = free_port()
+    relay = TamperingRelay(
+        cluster.root / "nodes",
+        "relay",
+        hub.addr,
+        tamper=tamper,
+        trusted_keys=trusted,
+        projects=[],
+        volunteer="mallory",
+        relay={"listen": f"127.0.0.1:{port}"},
+    )
+    cluster.procs.append(relay)
+    relay.start()
+    relay.wait_joined(hub)
+    wait_until((relay.data_dir / "relay.addr").exists, what="the relay to accept peers")
+    return relay, f"127.0.0.1:{port}"
+
+
 @pytest.mark.parametrize("tamper", ["bundle", "result"])
 def test_a_relay_that_alters_bundles_or_results_is_caught(
     cluster: Cluster,
@@ -175,22 +202,9 @@ def test_a_relay_that_alters_bundles_or_results_is_caught(
 ) -> None:
     hub = cluster.hub()
     hub.ingest(gate_project.bundle)
-    port = free_port()
-    relay = TamperingRelay(
-        cluster.root / "nodes",
-        "relay",
-        hub.addr,
-        tamper=tamper,
-        trusted_keys={"gate": owner_key.public},
-        projects=[],  # it only relays: every task runs on a peer
-        volunteer="mallory",
-        relay={"listen": f"127.0.0.1:{port}"},
-    )
-    cluster.procs.append(relay)
-    relay.start()
-    relay_id = relay.wait_joined(hub)
-    wait_until((relay.data_dir / "relay.addr").exists, what="the relay to accept peers")
-    peers = start_peers(cluster, [f"127.0.0.1:{port}", hub.addr], owner_key, count=2)
+    trusted = {"gate": owner_key.public}
+    _relay, relay_addr = start_tampering_relay(cluster, hub, tamper, trusted)
+    peers = start_peers(cluster, [relay_addr, hub.addr], owner_key, count=2)
     peer_ids = [peer.wait_joined(hub) for peer in peers]
 
     gate_project.open_gate()
@@ -202,18 +216,64 @@ def test_a_relay_that_alters_bundles_or_results_is_caught(
     assert sorted(r["id"] for r in results) == sorted(t for t, _ in tasks)
     for r in results:
         assert r["state"] == "C", r
-        assert r["result"] == {
-            "task": r["id"],
-            "node": r["result"]["node"],
-            "value": int(r["id"][2:]),
-        }
+        expected = {"task": r["id"], "node": r["result"]["node"], "value": int(r["id"][2:])}
+        assert r["result"] == expected
         assert r["node"] in peer_ids
     caught = "fetched via relay" if tamper == "bundle" else "signature"
     assert caught in hub.log_text(), hub.tail()
     # The peers left the relay that altered their traffic and reached the hub directly.
-    view = nodes_by_id(hub)
-    assert all(view[p]["via"] is None for p in peer_ids), view
-    assert relay_id in view
+    wait_until(
+        lambda: all(nodes_by_id(hub).get(p, {"via": "?"})["via"] is None for p in peer_ids),
+        what="the peers to reach the hub directly",
+    )
+
+
+DIGEST_PROGRAM = """\
+import hashlib, json, sys
+json.load(sys.stdin)
+print(json.dumps({"sha256": hashlib.sha256(open("in/data", "rb").read()).hexdigest()}))
+"""
+
+
+def test_a_relay_that_alters_input_files_costs_no_attempt(
+    cluster: Cluster, owner_key: OwnerKey, tmp_path: Path
+) -> None:
+    bundle = pack(
+        write_project(tmp_path / "src", "digest", DIGEST_PROGRAM), owner_key, tmp_path / "d.issc"
+    )
+    data = tmp_path / "work" / "data.bin"
+    data.parent.mkdir()
+    data.write_bytes(os.urandom(300_000))
+    want = hashlib.sha256(data.read_bytes()).hexdigest()
+    lines = [
+        {"project": "digest", "id": f"t-{i}", "input": {}, "files": {"data": "data.bin"}}
+        for i in range(4)
+    ]
+    task_file = data.parent / "tasks.jsonl"
+    task_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    hub = cluster.hub()
+    hub.ingest(bundle)
+    trusted = {"digest": owner_key.public}
+    _relay, relay_addr = start_tampering_relay(cluster, hub, "file", trusted)
+    peers = [
+        cluster.node(
+            [relay_addr, hub.addr], f"peer{i}", trusted_keys=trusted, volunteer=f"vol{i}", slots=1
+        )
+        for i in (1, 2)
+    ]
+    peer_ids = [peer.wait_joined(hub) for peer in peers]
+    hub.submit(task_file)
+    results = hub.wait_results("digest", 4, timeout=60)
+
+    for r in results:  # true answers only, and the relay's deeds cost no attempt
+        assert r["state"] == "C" and r["result"] == {"sha256": want}, r
+        assert r["attempts"] == 1, r
+    assert any("giving lease" in peer.log_text() for peer in peers)
+    wait_until(
+        lambda: all(nodes_by_id(hub).get(p, {"via": "?"})["via"] is None for p in peer_ids),
+        what="the peers to reach the hub directly",
+    )
 
 
 def test_a_relay_of_a_relay_forms_a_tree(
