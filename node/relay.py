@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
 MAX_WRITE_BUFFER = 16 * 1024 * 1024  # a peer that reads slower than this is dropped
+LISTEN_RETRY_SECONDS = 5.0
 MAX_OFFERED = 4096  # digests remembered per peer (it holds at most a few leases)
 
 
@@ -118,6 +119,7 @@ class RelayServer:
         self._last_number = 0
         self._discovery: DiscoveryResponder | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._prefetching: set[str] = set()  # bundle digests being fetched ahead of a peer
 
     @property
     def serving(self) -> bool:
@@ -183,10 +185,15 @@ class RelayServer:
     async def _listen(self) -> None:
         listen = self.config.listen
         try:
-            server = await asyncio.start_server(self._serve_peer, listen.host, self.port)
-        except OSError as exc:
-            log.error("relay: cannot listen on %s:%d: %s", listen.host, self.port, exc)
-            return
+            while True:
+                try:
+                    server = await asyncio.start_server(self._serve_peer, listen.host, self.port)
+                    break
+                except OSError as exc:  # the port is taken, say: try again while wanted
+                    log.error("relay: cannot listen on %s:%d: %s", listen.host, self.port, exc)
+                    await asyncio.sleep(LISTEN_RETRY_SECONDS)
+                    if self._uplink is None:
+                        return
         finally:
             self._binding = False
         self._server = server
@@ -233,15 +240,20 @@ class RelayServer:
             peer.bundles[task.digest] = task.size
             for ref in task.files:
                 peer.files[ref.sha256] = ref.size
-            if SHA256_RE.match(task.digest) and self.bundles.cache.path(task.digest) is None:
+            digest = task.digest
+            wanted = digest not in self._prefetching and SHA256_RE.match(digest)
+            if wanted and self.bundles.cache.path(digest) is None:
                 # Start now: by the time the peer asks, the bundle is (being) fetched.
-                self._spawn(self._prefetch(task.digest, task.size))
+                self._prefetching.add(digest)
+                self._spawn(self._prefetch(digest, task.size))
 
     async def _prefetch(self, digest: str, size: int) -> None:
         try:
             await self.bundles.fetch_blob(digest, size)
         except (FileTransferError, OSError) as exc:
             log.warning("relay: cannot fetch bundle %s: %s", digest[:12], exc)
+        finally:
+            self._prefetching.discard(digest)
 
     # ---- peers --------------------------------------------------------------------------
 
