@@ -118,6 +118,7 @@ class _Link:
     rank: int = 0  # place of ``address`` among the addresses tried; 0 = the preferred one
     fallbacks: bool = False  # whether addresses after this one were there to try
     moving_to: Address | None = None  # closed on purpose to move to a preferred address
+    welcomed: bool = False  # the hub accepted this connection
 
 
 class NodeClient:
@@ -205,14 +206,15 @@ class NodeClient:
                 await asyncio.sleep(delay)
                 continue
             try:
-                await self._serve(link)
-                failures = 0
+                await self._serve(link)  # ends only by raising
             except FatalNodeError:
                 raise
             except (IsscError, ConnectionError, OSError, TimeoutError) as exc:
                 if link.moving_to is None:
                     log.warning("connection to %s lost: %s", link.address, exc)
-                    failures += 1
+                    # A connection that got as far as welcome was a success: back-off
+                    # starts over, so a hub that restarts is rejoined within a second.
+                    failures = 1 if link.welcomed else failures + 1
             finally:
                 self._drop_link(link)
             if link.moving_to is None:
@@ -358,6 +360,7 @@ class NodeClient:
         return message
 
     def _welcomed(self, link: _Link, welcome: Welcome) -> None:
+        link.welcomed = True
         self.heartbeat_interval = welcome.heartbeat_interval
         self.heartbeat_misses = welcome.heartbeat_misses
         link.conn.set_max_frame_size(welcome.max_frame_size)

@@ -108,3 +108,25 @@ def test_hub_killed_mid_run_loses_nothing_and_duplicates_nothing(
     accepted = hub.sql(f"SELECT lease_id FROM results WHERE lease_id IN ({marks})", *spooled)
     assert {row[0] for row in accepted} == spooled
     assert hub.query("status")["tasks"]["C"] == TASKS
+
+
+def test_a_node_rejoins_a_hub_that_restarts_again_and_again(
+    cluster: Cluster, owner_key: OwnerKey
+) -> None:
+    # Back-off starts over after every connection that was welcomed: without that, the
+    # delay before a reconnect doubles with every hub restart in the node's life, up to
+    # 30 s, and a node of a hub restarted a few times comes back ever more slowly.
+    hub = cluster.hub(port=free_port())
+    node = cluster.node(hub, "node1", trusted_keys={"gate": owner_key.public}, slots=1)
+    node_id = node.wait_joined(hub)
+    for restart in range(8):
+        hub.kill(signal.SIGKILL)
+        hub.wait(10)
+        hub.start()
+        started = time.monotonic()
+        wait_until(
+            lambda: node_id in hub.connected_nodes(),
+            timeout=6,
+            what=f"the node to rejoin after restart {restart + 1}",
+        )
+        print(f"restart {restart + 1}: rejoined in {time.monotonic() - started:.2f} s")
