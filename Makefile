@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint unit e2e bench clean
+.PHONY: demo test lint unit e2e bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/store_commit.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/relay.py
+
+# The long chaos run of docs/reliability.md (about 10 minutes); `make test` runs a short one.
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py --tasks 5000 --duration 420 --drain 240 --seed 7
 
 clean:
 	rm -rf $(VENV) demo-run *.egg-info .pytest_cache .mypy_cache .ruff_cache
