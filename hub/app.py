@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from pathlib import Path
 
 from hub.blobs import ContentStore
+from hub.clock import AnchoredClock
 from hub.control import ControlServer, check_socket_path
 from hub.inbox import Inbox
 from hub.outbox import Outbox
@@ -52,7 +52,10 @@ class Hub:
         await asyncio.to_thread(store.create_schema)
         snapshot = await asyncio.to_thread(store.load_snapshot)
         settings = Settings(config.max_attempts, config.offer_timeout, config.lease_window)
-        scheduler = Scheduler(settings, snapshot, now=time.time())
+        # Leases restored here live one heartbeat window (offers: one offer_timeout) from
+        # now; the clock then runs on monotonic time (hub/clock.py).
+        clock = AnchoredClock()
+        scheduler = Scheduler(settings, snapshot, now=clock())
         log.info(
             "restored %d waiting tasks, %d live leases, %d projects",
             scheduler.waiting_count(),
@@ -62,7 +65,9 @@ class Hub:
         files = ContentStore(config.data_dir / "files")
         inbox = Inbox(config.data_dir / "inbox", store, files)
         outbox = Outbox(config.data_dir / "outbox", store, files)
-        runtime = self.runtime = HubRuntime(config, store, scheduler, inbox, outbox, files)
+        runtime = self.runtime = HubRuntime(
+            config, store, scheduler, inbox, outbox, files, clock=clock
+        )
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await NodeSession(runtime, StreamTransport(reader, writer)).serve()

@@ -59,15 +59,32 @@ class ContentStore:
     def add_file(self, source: Path, max_size: int = MAX_INPUT_FILE) -> tuple[str, int]:
         """Copy ``source`` into the store; returns (sha256, size).
 
-        Raises FileStoreError if it cannot be read or is larger than ``max_size``.
+        Raises:
+            FileStoreError: ``source`` cannot be read or is larger than ``max_size`` (the
+                file's fault).
+            OSError: the store cannot be written (a full disk: the hub's own trouble).
         """
         digest = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp)
+        try:
+            src = open(source, "rb")  # noqa: SIM115 - closed below, read errors told apart
+        except OSError as exc:
+            raise FileStoreError(f"cannot read: {exc.strerror}") from None
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=self.tmp)
+        except BaseException:
+            src.close()
+            raise
         tmp = Path(tmp_name)
         try:
-            with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
-                while block := src.read(CHUNK):
+            with src, os.fdopen(fd, "wb") as out:
+                while True:
+                    try:
+                        block = src.read(CHUNK)
+                    except OSError as exc:
+                        raise FileStoreError(f"cannot read: {exc.strerror}") from None
+                    if not block:
+                        break
                     size += len(block)
                     if size > max_size:
                         raise FileStoreError(f"larger than the {max_size}-byte limit")
@@ -78,8 +95,6 @@ class ContentStore:
             sha = digest.hexdigest()
             self._install(tmp, sha)
             return sha, size
-        except OSError as exc:
-            raise FileStoreError(f"cannot read: {exc.strerror}") from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -110,32 +125,62 @@ class UploadArea:
         return self.root / str(lease) / f"{name}.part"
 
     def received(self, lease: int, name: str, sha256: str, size: int) -> int:
-        """How many bytes of this file the hub holds (``size`` once it is in the store)."""
+        """How many bytes of this file the hub holds (``size`` once it is in the store).
+
+        A whole part that is not in the store yet (moving it there failed: a full disk)
+        counts one byte short, so the node sends its last byte again and ``write``
+        finishes the move.
+        """
         if self.store.size(sha256) == size:
             return size
         try:
-            return min(self._part(lease, name).stat().st_size, size)
+            part = self._part(lease, name).stat().st_size
         except FileNotFoundError:
             return 0
+        return min(part, size - 1) if size > 0 else 0
 
     def write(self, lease: int, name: str, sha256: str, size: int, offset: int, data: bytes) -> int:
         """Append a chunk; returns the bytes now held (0 after a digest mismatch).
 
         A chunk not at the end of what is held is ignored: the answer tells the node
-        where to go on. Raises OSError on disk trouble.
+        where to go on. Only bytes written whole and synced count: a chunk that fails
+        (ENOSPC, EIO) is cut off the part again before the OSError is raised.
         """
-        held = self.received(lease, name, sha256, size)
-        if held == size or offset != held or held + len(data) > size or not data:
-            return held
+        if self.store.size(sha256) == size:
+            return size
         part = self._part(lease, name)
+        try:
+            held = min(part.stat().st_size, size)
+        except FileNotFoundError:
+            held = 0
+        if held == size and size > 0:
+            return self._finish(part, sha256, size)  # complete, but not moved in yet
+        if offset != held or held + len(data) > size or not data:
+            return min(held, size - 1) if size > 0 else held
         part.parent.mkdir(exist_ok=True)
-        with open(part, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.lseek(fd, held, os.SEEK_SET)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, held)  # frees what the failed chunk took
+            except OSError:
+                part.unlink(missing_ok=True)  # cannot tell what is good: start over
+            raise
+        finally:
+            os.close(fd)
         held += len(data)
         if held < size:
             return held
+        return self._finish(part, sha256, size)
+
+    def _finish(self, part: Path, sha256: str, size: int) -> int:
+        """Check a whole part and move it into the store: ``size``, or 0 after a digest
+        mismatch (the part is dropped). Raises OSError if it cannot be moved."""
         if sha256_file(part) != sha256:
             part.unlink()
             return 0

@@ -73,6 +73,45 @@ class TaskFinished:
     wall_seconds: float
     at: float
     files: tuple[FileInfo, ...] = ()  # output files of the accepted result
+    # Who earns credit, (volunteer, CPU seconds) each, for a task agreed by a quorum or
+    # checked against a known answer; None: ``volunteer`` earns ``cpu_seconds`` if C.
+    credits: tuple[tuple[str, float], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultPending:
+    """A successful result that waits for agreement (quorum, trust): kept durably, judged
+    when the task finishes."""
+
+    lease: int
+    task_pk: int
+    node_id: str
+    volunteer: str
+    result: Any
+    files: tuple[FileInfo, ...]
+    cpu_seconds: float  # as credited: capped by the project's wall-time limit
+    wall_seconds: float
+    at: float
+    verified: bool = False  # it matched the task's known answer (a spot check)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultJudged:
+    """What became of a pending result: see Verdict."""
+
+    lease: int
+    verdict: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrustChanged:
+    """A volunteer's results were compared: counts to add, and its trust after them."""
+
+    volunteer: str
+    agreed: int  # to add
+    disagreed: int  # to add
+    trusted: bool
+    streak: int  # agreements in a row since it was last distrusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +123,15 @@ class ProjectPauseChanged:
 
 
 Change = (
-    LeaseOffered | LeaseAccepted | LeaseEnded | TaskUpdated | TaskFinished | ProjectPauseChanged
+    LeaseOffered
+    | LeaseAccepted
+    | LeaseEnded
+    | TaskUpdated
+    | TaskFinished
+    | ProjectPauseChanged
+    | ResultPending
+    | ResultJudged
+    | TrustChanged
 )
 
 
@@ -99,3 +146,13 @@ class LeaseOutcome:
     LOST = "lost"
     SUPERSEDED = "superseded"
     CANCELLED = "cancelled"  # the project was cancelled by an admin
+    REJECTED = "rejected"  # a result refused: it contradicted the task's known answer
+
+
+class Verdict:
+    """What became of a pending result once its task finished (or its volunteer fell)."""
+
+    AGREED = "agreed"  # it agreed with the task's accepted result (or its known answer)
+    DISAGREED = "disagreed"  # it did not: its volunteer lost trust
+    DISCARDED = "discarded"  # its volunteer was caught by a spot check before it counted
+    UNRESOLVED = "unresolved"  # the task failed without agreement: nobody is judged

@@ -216,6 +216,9 @@ class ControlServer:
         try:
             return {"ok": True, "data": await handler(args)}
         except IsscError as exc:
+            degraded = self.runtime.degraded
+            if degraded is not None and degraded not in str(exc):
+                return {"ok": False, "error": f"{exc} (the hub is degraded: {degraded})"}
             return {"ok": False, "error": str(exc)}
 
     # ---- reading ------------------------------------------------------------------------
@@ -234,6 +237,9 @@ class ControlServer:
             "commit_batches": rt.batches,
             "tasks_per_second": rt.tasks_per_second(),
             "transfers": dict(rt.transfers),
+            # Why the hub takes no new work now (a full disk, a database gone), or null.
+            "degraded": rt.degraded,
+            "outages": rt.outages,
         }
 
     async def nodes(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -277,8 +283,11 @@ class ControlServer:
     async def volunteers(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         rt = self.runtime
         rows = await rt.astore.call(rt.store.volunteers_summary)
+        trust = await rt.astore.call(rt.store.volunteers_trust)
         live = rt.volunteers_live()
         for row in rows:
+            # trusted, agreed, disagreed: see "Quorum, trust and spot checks" in design.md.
+            row.update(trust.get(row["volunteer"], {}))
             now = live.get(row["volunteer"])
             row["connected"] = now["connected"] if now else 0
             row["projects"] = sorted(now["projects"]) if now else []

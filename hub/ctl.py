@@ -336,6 +336,8 @@ def show_task(data: Any, ns: argparse.Namespace) -> str:
     ]
     if data.get("error"):
         lines.append(f"error: {_cell(data['error'])}")
+    # VERDICT: for results that had to agree (quorum, trust, spot checks) only.
+    verdicts = any("verdict" in h for h in data["history"])
     rows = [
         (
             h["lease"],
@@ -344,11 +346,21 @@ def show_task(data: Any, ns: argparse.Namespace) -> str:
             _when(h["accepted_at"]),
             _when(h["ended_at"]),
             h["outcome"] or "live",
+            *([h.get("verdict") or ""] if verdicts else []),
             h["detail"] or "",
         )
         for h in data["history"]
     ]
-    headers = ("LEASE", "NODE", "OFFERED", "ACCEPTED", "ENDED", "OUTCOME", "DETAIL")
+    headers = (
+        "LEASE",
+        "NODE",
+        "OFFERED",
+        "ACCEPTED",
+        "ENDED",
+        "OUTCOME",
+        *(["VERDICT"] if verdicts else []),
+        "DETAIL",
+    )
     lines.append(table(headers, rows, right={0}) if rows else "no leases yet")
     return "\n".join(lines)
 
@@ -364,7 +376,12 @@ def show_volunteers(data: Any, ns: argparse.Namespace) -> str:
     headers = ["VOLUNTEER", "CREDIT", "TASKS COMPLETED"]
     extras = [
         (key, title)
-        for key, title in (("nodes", "NODES"), ("connected", "CONNECTED"), ("projects", "PROJECTS"))
+        for key, title in (
+            ("trusted", "TRUST"),
+            ("nodes", "NODES"),
+            ("connected", "CONNECTED"),
+            ("projects", "PROJECTS"),
+        )
         if any(key in v for v in data)
     ]
     headers += [title for _, title in extras]
@@ -377,10 +394,26 @@ def show_volunteers(data: Any, ns: argparse.Namespace) -> str:
         ]
         for key, _ in extras:
             value = v.get(key)
+            if key == "trusted":
+                row.append(_trust(v))
+                continue
             row.append(",".join(map(str, value)) or None if isinstance(value, list) else value)
         rows.append(row)
-    right = {1, 2, *(i + 3 for i, (key, _) in enumerate(extras) if key != "projects")}
+    left = {"projects", "trusted"}
+    right = {1, 2, *(i + 3 for i, (key, _) in enumerate(extras) if key not in left)}
     return table(headers, rows, right=right)
+
+
+def _trust(volunteer: Mapping[str, Any]) -> str:
+    """``yes`` or ``NO``, and how its compared results went: ``NO (3 ok, 2 bad)``."""
+    trusted = volunteer.get("trusted")
+    if not isinstance(trusted, bool):
+        return "-"
+    text = "yes" if trusted else "NO"
+    agreed, disagreed = volunteer.get("agreed"), volunteer.get("disagreed")
+    if isinstance(agreed, int) and isinstance(disagreed, int) and (agreed or disagreed):
+        text += f" ({agreed} ok, {disagreed} bad)"
+    return text
 
 
 def show_token(data: Any, ns: argparse.Namespace) -> str:

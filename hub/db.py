@@ -36,6 +36,7 @@ from hub.models import (
     Node,
     OutboxFile,
     Output,
+    PendingResult,
     Project,
     Result,
     Task,
@@ -56,6 +57,7 @@ TASKS, LEASES, RESULTS = map(_table, (Task, Lease, Result))
 INBOX_FILES, OUTBOX_FILES = map(_table, (InboxFile, OutboxFile))
 BLOBS, TASK_INPUTS, OUTPUTS = map(_table, (Blob, TaskInput, Output))
 ENROLLMENT_TOKENS = _table(EnrollmentToken)
+PENDING_RESULTS = _table(PendingResult)
 CHUNK = 500  # rows per IN (...) query, well under every database's parameter limit
 
 
@@ -112,20 +114,33 @@ def project_info(row: Any) -> ProjectInfo:
         quorum=row.quorum,
         output_mb=row.output_mb,
         wall_seconds=row.wall_seconds,
+        tolerance=row.tolerance,
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+# Seconds SQLite waits for another connection's lock before "database is locked"; the
+# store then retries the whole transaction (hub/retry.py), so a lock held longer than this
+# costs a retry, not the hub.
+BUSY_TIMEOUT = 5.0
+PG_CONNECT_TIMEOUT = 10  # seconds to reach a PostgreSQL server before a (retried) error
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL and full sync. Raises StoreError."""
+def _sqlite_pragmas(busy_timeout: float) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # First, so that the PRAGMAs below wait for a lock too instead of failing at once.
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return on_connect
+
+
+def make_engine(url: str, busy_timeout: float = BUSY_TIMEOUT) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, full sync and ``busy_timeout`` seconds of
+    waiting for locks. Raises StoreError."""
     try:
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite":
@@ -141,9 +156,12 @@ def make_engine(url: str) -> Engine:
                 poolclass=StaticPool if in_memory else QueuePool,
                 connect_args={"check_same_thread": False},
             )
-            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
             return engine
-        return create_engine(url, pool_pre_ping=True)
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot open database {url!r}: {exc}") from None
 

@@ -24,6 +24,7 @@ class ProjectInfo:
     quorum: int = 1
     output_mb: int = 64  # the bundle's limits.output_mb: a cap on uploads for its tasks
     wall_seconds: float = 600.0  # limits.wall_seconds: also caps the CPU time credited
+    tolerance: float | None = None  # how replicas' numbers may differ; None: exactly equal
 
 
 # ---- events -----------------------------------------------------------------------------
@@ -103,6 +104,8 @@ class Tick:
 class TasksAdded:
     project_id: int
     task_pks: tuple[int, ...]
+    # Spot checks: (task key, known answer as JSON text) of the tasks that carry one.
+    expected: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,18 @@ Each file, once read, moves to ``inbox/accepted/`` or to ``inbox/rejected/`` bes
 written and are left alone. Content already ingested (by SHA-256) adds nothing.
 Reading, verifying and inserting happen on the store's thread; only the results
 reach the event loop.
+
+A file written in place under its final name (not by ``issc-project submit``) may be
+caught half-written: ``scan`` reads a file only once two scans in a row saw it with the
+same size and modification time, so a writer that is still going (within a scan
+interval) is waited for. A file that cannot be read whole because the disk is full or
+the database failed stays in the inbox and is read again later (``trouble`` says why
+the scan stopped); it is never rejected for the hub's own trouble.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -46,10 +54,16 @@ class Ingested:
     project: ProjectInfo | None = None
     project_id: int | None = None
     task_pks: tuple[int, ...] = ()
+    expected: tuple[tuple[int, str], ...] = ()  # (task key, known answer): spot checks
 
 
 def waiting_files(inbox: Path) -> list[Path]:
     """Files ready to be read, oldest first."""
+    return [inbox / name for name in _waiting(inbox)]
+
+
+def _waiting(inbox: Path) -> dict[str, tuple[int, int]]:
+    """Name -> (size, mtime in ns) of the bundles and task files waiting, oldest first."""
     ready = []
     for entry in os.scandir(inbox):
         name = entry.name
@@ -58,17 +72,24 @@ def waiting_files(inbox: Path) -> list[Path]:
         if not entry.is_file(follow_symlinks=False):
             continue
         try:
-            ready.append((entry.stat().st_mtime, name))
+            info = entry.stat()
         except FileNotFoundError:
             continue  # taken away while we looked
-    return [inbox / name for _, name in sorted(ready)]
+        ready.append((info.st_mtime_ns, name, info.st_size))
+    return {name: (size, mtime) for mtime, name, size in sorted(ready)}
 
 
 class Inbox:
     """Ingests inbox files; the caller hands what they added to the scheduler."""
 
-    def __init__(self, inbox: Path, store: Store, files: ContentStore) -> None:
+    def __init__(self, inbox: Path, store: Store, files: ContentStore, settle: bool = True) -> None:
+        """``settle``: read a file only once two scans saw it unchanged (see above);
+        False reads every waiting file at the first scan (for tests that drive scans)."""
         self.inbox = inbox
+        self.settle = settle
+        self._last_seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime ns)
+        # Why the last scan stopped early (a full disk, a database error), or None.
+        self.trouble: Exception | None = None
         self.accepted = inbox / "accepted"
         self.rejected = inbox / "rejected"
         self.store = store
@@ -78,18 +99,28 @@ class Inbox:
             directory.mkdir(parents=True, exist_ok=True)
 
     def scan(self) -> list[Ingested]:
-        """Read every waiting file once (blocking; run on the store's thread)."""
+        """Read every waiting file whose size and mtime have settled (blocking; run on the
+        store's thread). Sets ``trouble`` if it had to stop early."""
         ingested = []
-        for path in waiting_files(self.inbox):
+        self.trouble = None
+        seen, self._last_seen = self._last_seen, _waiting(self.inbox)
+        for name, stamp in self._last_seen.items():
+            if self.settle and seen.get(name) != stamp:
+                continue  # new, or changed since the last scan: perhaps still being written
+            path = self.inbox / name
             try:
                 item = self.ingest(path)
-            except OSError as exc:  # moved away meanwhile, or a full disk: try again later
-                log.error("inbox: %s: %s", path.name, exc)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self.trouble = exc  # no room to move or note anything: stop here
+                    break
+                log.error("inbox: %s: %s", path.name, exc)  # moved away meanwhile, EIO...
                 continue
             except SQLAlchemyError as exc:
                 # The database is in trouble: stop here, so what was ingested is handed on;
                 # this file stays in the inbox and is read again on a later scan.
-                log.error("inbox: %s: database error, will retry: %s", path.name, exc)
+                log.debug("inbox: %s: database error, will retry: %s", path.name, exc)
+                self.trouble = exc
                 break
             if item is not None:
                 ingested.append(item)
@@ -144,8 +175,15 @@ class Inbox:
             _remove_empty_parents(path.parent, self.inbox)
 
     def ingest(self, path: Path) -> Ingested | None:
-        """Ingest one file and move it aside; a bad file is rejected, never raised."""
+        """Ingest one file and move it aside; a bad file is rejected, never raised.
+
+        Raises:
+            OSError: the hub's own trouble (a full disk): the file stays, for later.
+            SQLAlchemyError: the database failed: the file stays, for later.
+        """
         try:
+            if not _utf8(path.name):
+                raise IsscError("the file name is not valid UTF-8; rename the file")
             data = self._read(path)
             digest = hashlib.sha256(data).hexdigest()
             seen = self.store.inbox_file(digest)
@@ -163,9 +201,12 @@ class Inbox:
         if size > MAX_INBOX_FILE:
             raise IsscError(f"file is {size} bytes, over the {MAX_INBOX_FILE}-byte limit")
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             raise IsscError(f"cannot read: {exc.strerror}") from None
+        if not data:
+            raise IsscError("the file is empty (0 bytes)")
+        return data
 
     def _ingest_new(self, path: Path, data: bytes, digest: str) -> Ingested:
         name = path.name
@@ -191,7 +232,12 @@ class Inbox:
         log.info("inbox: %s: %d tasks for %s, %d input files", name, len(pks),
                  task_file.project, len(inputs.used))  # fmt: skip
         self._consumed.update(inputs.used)
-        return Ingested(project_id=project_id, task_pks=tuple(pks))
+        expected = tuple(
+            (pk, e.expect_json)
+            for e, pk in zip(entries, pks, strict=True)
+            if e.expect_json is not None
+        )
+        return Ingested(project_id=project_id, task_pks=tuple(pks), expected=expected)
 
     def _reject(self, path: Path, reason: str, directory: Path | None = None) -> None:
         log.warning("inbox: rejected %s: %s", path.name, reason)
@@ -199,7 +245,8 @@ class Inbox:
         target = self._free_name(directory, path.name)
         note = directory / f"{target.name}.error.txt"
         tmp = directory / f".{note.name}.tmp"
-        tmp.write_text(f"{path.name}: {reason}\n", encoding="utf-8")
+        # surrogateescape: a name that is not UTF-8 is written as the bytes it is.
+        tmp.write_text(f"{path.name}: {reason}\n", encoding="utf-8", errors="surrogateescape")
         os.replace(tmp, note)
         os.replace(path, target)
 
@@ -241,3 +288,12 @@ def _remove_empty_parents(directory: Path, stop: Path) -> None:
         except OSError:
             return
         directory = directory.parent
+
+
+def _utf8(name: str) -> bool:
+    """False for a file name that is not valid UTF-8 (os gives it with surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -34,6 +34,11 @@ class TaskEvent(StrEnum):
     GIVE_UP = "give_up"  # attempts used up, or the code failed deterministically
     COMPLETE = "complete"  # a result was accepted (possibly late, from an earlier lease)
     CANCEL = "cancel"  # the owner or an admin cancelled it
+    # Replicas (quorum > 1, or a result that must be confirmed): a task may hold several
+    # live leases at once and keep successful results pending until enough agree.
+    REPLICA_END = "replica_end"  # one lease ended; the task's other leases stay as they were
+    LAST_ACCEPTED_END = "last_accepted_end"  # the last accepted lease ended; offers remain
+    RESULT_PENDING = "result_pending"  # a result waits for agreement; no lease is live
 
 
 TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
@@ -53,6 +58,20 @@ TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
     (TaskState.NA, TaskEvent.CANCEL): TaskState.X,
     (TaskState.TA, TaskEvent.CANCEL): TaskState.X,
     (TaskState.A, TaskEvent.CANCEL): TaskState.X,
+    # Replicas: another lease of a task that has some already (never for quorum 1 with a
+    # trusted volunteer). A is "at least one live lease accepted", TA "live leases, none
+    # accepted", NA "no live lease" (pending results or not).
+    (TaskState.TA, TaskEvent.OFFER): TaskState.TA,
+    (TaskState.A, TaskEvent.OFFER): TaskState.A,
+    (TaskState.A, TaskEvent.ACCEPT): TaskState.A,
+    (TaskState.TA, TaskEvent.REPLICA_END): TaskState.TA,
+    (TaskState.A, TaskEvent.REPLICA_END): TaskState.A,
+    (TaskState.A, TaskEvent.LAST_ACCEPTED_END): TaskState.TA,
+    (TaskState.NA, TaskEvent.RESULT_PENDING): TaskState.NA,
+    (TaskState.TA, TaskEvent.RESULT_PENDING): TaskState.NA,
+    (TaskState.A, TaskEvent.RESULT_PENDING): TaskState.NA,
+    # Replicas that never agreed, up to the bound (a late result may be the last one).
+    (TaskState.NA, TaskEvent.GIVE_UP): TaskState.F,
 }
 
 

@@ -35,6 +35,8 @@ class Project(Base):
     wall_seconds: Mapped[float] = mapped_column(Float, default=600.0)  # limits.wall_seconds
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+    # project.yaml's tolerance: how replicas' numbers may differ; NULL: exactly equal.
+    tolerance: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
 
 
 class Bundle(Base):
@@ -56,6 +58,11 @@ class Volunteer(Base):
     credit: Mapped[float] = mapped_column(Float, default=0.0)
     tasks_completed: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
+    # Trust (quorum and spot checks): results of an untrusted volunteer never count alone.
+    trusted: Mapped[bool] = mapped_column(Boolean, default=True)
+    agreed: Mapped[int] = mapped_column(Integer, default=0)  # results that agreed
+    disagreed: Mapped[int] = mapped_column(Integer, default=0)  # results that did not
+    trust_streak: Mapped[int] = mapped_column(Integer, default=0)  # agreements since distrusted
 
 
 class EnrollmentToken(Base):
@@ -111,6 +118,8 @@ class Task(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     exported: Mapped[bool] = mapped_column(Boolean, default=False)  # line in results.jsonl
     source: Mapped[str] = mapped_column(String(64))  # SHA-256 of the inbox file
+    # A spot check's known answer (JSON), from the task file's ``expect``; never offered.
+    expect_json: Mapped[str | None] = mapped_column(Text, nullable=True, default=None)
 
 
 class Lease(Base):
@@ -140,6 +149,26 @@ class Result(Base):
     cpu_seconds: Mapped[float] = mapped_column(Float)
     wall_seconds: Mapped[float] = mapped_column(Float)
     received_at: Mapped[float] = mapped_column(Float)
+
+
+class PendingResult(Base):
+    """A successful result of a task whose results must agree (quorum, trust, spot
+    checks), keyed by its lease; ``verdict`` is NULL while it waits, then what became of
+    it (hub.changes.Verdict: agreed, disagreed, discarded, unresolved)."""
+
+    __tablename__ = "pending_results"
+    __table_args__ = (Index("ix_pending_results_task", "task_id", "verdict"),)
+    lease_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    node_id: Mapped[str] = mapped_column(String(32))
+    volunteer: Mapped[str] = mapped_column(String(64))
+    result_json: Mapped[str] = mapped_column(Text)
+    files_json: Mapped[str] = mapped_column(Text, default="[]")  # [[name, sha256, size], ...]
+    cpu_seconds: Mapped[float] = mapped_column(Float)  # as credited (capped)
+    wall_seconds: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float)
+    verified: Mapped[bool] = mapped_column(Boolean, default=False)  # matched a known answer
+    verdict: Mapped[str | None] = mapped_column(String(16), nullable=True, default=None)
 
 
 class InboxFile(Base):
@@ -187,3 +216,12 @@ class Output(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
     size: Mapped[int] = mapped_column(BigInteger)
+
+
+class HealthProbe(Base):
+    """One row the hub rewrites to learn that the database takes writes again, after a
+    commit failed (a full disk, a database that went away): see HubRuntime's recovery."""
+
+    __tablename__ = "health_probe"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    probed_at: Mapped[float] = mapped_column(Float)

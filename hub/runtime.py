@@ -5,6 +5,14 @@ scheduler in one call, commits all resulting changes in one transaction, and onl
 then sends the messages. Events that arrive while a commit is in flight wait for the
 next round, so commits are grouped naturally: under load one disk sync covers many
 tasks, at rest a single event is committed at once.
+
+A commit that cannot be made (a full disk, a database gone beyond the store's retries)
+does not end the hub: the batch's messages are not sent, and the hub is *degraded*. It
+takes no new work (inbox paused, node sessions closed, new nodes refused with ``error``
+``internal``), probes the store and the data directory with backoff, and once both take
+writes again it rebuilds its scheduler from the database, exactly as at start-up. Nothing
+uncommitted was ever sent, so what nodes and owners were told still holds. A full disk
+met by the outbox, the inbox or an upload degrades the hub the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,11 +32,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from hub import events as ev
 from hub.blobs import ContentStore, UploadArea
-from hub.changes import Change, LeaseEnded, TaskFinished
+from hub.changes import Change, LeaseEnded, TaskFinished, TrustChanged
+from hub.clock import AnchoredClock
 from hub.inbox import Inbox
 from hub.lifecycle import TaskState
 from hub.outbox import Outbox
-from hub.scheduler import Scheduler
+from hub.retry import brief, is_disk_full
+from hub.scheduler import Scheduler, Snapshot
 from hub.session import NodeSession
 from hub.store import AsyncStore, Store
 from issc.config import HubConfig
@@ -36,6 +48,7 @@ from issc.names import PLAIN_NAME_RE
 from issc.protocol import (
     BUNDLE_CHUNK_SIZE,
     Cancel,
+    ErrorCode,
     FileRef,
     Hello,
     Offer,
@@ -49,11 +62,17 @@ log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between timer rounds (offer and heartbeat expiry)
 INBOX_POLL = 0.5
-RETRY_DELAY = 5.0
+RETRY_DELAY = 5.0  # the longest pause between two tries of a failing export or inbox scan
 EXPORT_COALESCE = 0.2  # seconds; results.jsonl trails the database by about this much
 MAX_OUTPUT_FILES = 64  # after a database or disk error in the inbox or outbox
 MAX_OFFER_BYTES = 2 * 1024 * 1024  # inputs per offer message, well under the frame limit
 RATE_WINDOW = 10  # seconds over which tasks_per_second is measured
+# While degraded: the first probe of the store and the disk comes after PROBE_FIRST
+# seconds, each later one after twice the pause before it, up to PROBE_CAP (with jitter).
+PROBE_FIRST = 0.5
+PROBE_CAP = 5.0
+PROBE_BYTES = 1024 * 1024  # free space the data directory must have: one upload chunk
+STEADY = 60.0  # seconds healthy after which a new outage starts probing from PROBE_FIRST
 _MESSAGE_TYPES = (
     ev.SendWelcome,
     ev.SendOffers,
@@ -72,7 +91,7 @@ class HubRuntime:
         inbox: Inbox,
         outbox: Outbox,
         files: ContentStore,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -80,10 +99,11 @@ class HubRuntime:
         self.scheduler = scheduler
         self.inbox = inbox
         self.outbox = outbox
-        self.now = clock
+        # Wall time at start plus monotonic time since: leases never see the clock jump.
+        self.now: Callable[[], float] = clock or AnchoredClock()
         self.sessions: dict[str, NodeSession] = {}
         self._volunteers: dict[str, str] = {}  # node id -> volunteer, of nodes seen this run
-        self.started_at = clock()
+        self.started_at = self.now()
         self._pending: list[ev.Event] = []
         self._wake = asyncio.Event()
         self._export_wanted = asyncio.Event()
@@ -109,6 +129,16 @@ class HubRuntime:
         # event submitted meanwhile comes after them (a cancel covers every committed task).
         self.ingest_lock = asyncio.Lock()
         self._finished_per_second: deque[list[int]] = deque()  # [UNIX second, C or F count]
+        # Why the hub is degraded (no new work until the store and the disk take writes
+        # again), or None; `issc-ctl status` shows it.
+        self.degraded: str | None = None
+        self._healthy = asyncio.Event()  # set while not degraded
+        self._healthy.set()
+        self._degraded_at = 0.0  # monotonic
+        self._recovered_at = -STEADY  # monotonic
+        self._probe_delay = PROBE_FIRST
+        self.outages = 0  # times the hub was degraded, this run
+        self._round_committed = False
 
     # ---- events in --------------------------------------------------------------------
 
@@ -121,10 +151,12 @@ class HubRuntime:
         are sent (an admin is told of a change only when the database holds it).
 
         Raises:
-            StoreError: the batch could not be committed (the hub stops after that).
+            StoreError: the batch could not be committed, or the hub is degraded.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         async with self.ingest_lock:
+            if self.degraded is not None:
+                raise StoreError(f"the hub is degraded and takes no changes now: {self.degraded}")
             self._pending.append(event)
             self._waiters.append(done)
             self._wake.set()
@@ -132,6 +164,9 @@ class HubRuntime:
 
     def attach(self, session: NodeSession, hello: Hello) -> None:
         assert session.node_id is not None
+        if self.degraded is not None:  # enrolled a moment before the hub was degraded
+            session.end(ErrorCode.INTERNAL, self._unavailable())
+            return
         old = self.sessions.get(session.node_id)
         if old is not None and old is not session:
             log.info("node %s connected again; closing its old connection", session.node_id)
@@ -168,8 +203,10 @@ class HubRuntime:
 
         Raises:
             AuthError: the node may not join (registration, token, volunteer).
-            StoreError: the database failed.
+            StoreError: the database failed, or the hub is degraded.
         """
+        if self.degraded is not None:
+            raise StoreError(f"the hub is degraded: {self.degraded}")
         return await self.astore.call(
             self.store.enroll_node,
             hello.volunteer,
@@ -229,10 +266,28 @@ class HubRuntime:
     async def upload(
         self, lease: int, name: str, sha256: str, size: int, offset: int, data: bytes
     ) -> int:
-        """Store a chunk of an output file; returns the bytes the hub now holds."""
+        """Store a chunk of an output file; returns the bytes the hub now holds (durably:
+        a chunk that could not be written whole and synced is not counted).
+
+        Raises:
+            OSError: the chunk could not be stored (see ``upload_failed``).
+        """
         held = await asyncio.to_thread(self.uploads.write, lease, name, sha256, size, offset, data)
         self.transfers["upload_bytes_received"] += len(data)
         return held
+
+    def upload_failed(self, session: NodeSession, exc: OSError) -> None:
+        """An upload chunk could not be stored: end that node's session with ``internal``
+        (it keeps the result in its spool and sends it again later); a full disk
+        degrades the hub."""
+        full = is_disk_full(exc)
+        log.error("node %s: cannot store an upload: %s", session.node_id, exc)
+        session.end(
+            ErrorCode.INTERNAL,
+            "the hub is out of disk space" if full else f"the hub cannot store uploads: {exc}",
+        )
+        if full:
+            self.degrade(f"disk full: uploads: {exc}")
 
     async def result_forged(self, node_id: str, message: Result) -> str | None:
         """Why ``message`` is not this node's signed result for what the hub offered under
@@ -318,16 +373,36 @@ class HubRuntime:
     # ---- the loops --------------------------------------------------------------------
 
     async def pump(self) -> None:
-        """Feed events to the scheduler, commit, then send; forever."""
+        """Feed events to the scheduler, commit, then send; forever.
+
+        A StoreError (a commit, or a read for the messages after it) degrades the hub
+        instead of ending it; while degraded the pump runs the recovery (``_recover``).
+        """
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK)
+            if self.degraded is not None:
+                await self._recover()
+                continue
+            await self._woken(TICK)
             self._wake.clear()
+            if self.degraded is not None:
+                continue  # degraded meanwhile (outbox, inbox, upload): the recovery rebuilds
             events, self._pending = self._pending, []
             waiters, self._waiters = self._waiters, []
+            self._round_committed = False
             try:
                 instructions = self.scheduler.handle(*events, ev.Tick(self.now()))
                 await self._carry_out(instructions)
+            except StoreError as exc:
+                # The scheduler's memory is now ahead of the database (or its messages were
+                # not all sent): nothing more of this batch goes out, the hub is degraded
+                # and rebuilds its scheduler from the database once the store works again.
+                if self._round_committed:
+                    _settle(waiters, None)  # the change is in the database
+                else:
+                    _settle(waiters, StoreError(f"the change was not committed: {exc}"))
+                cause = "disk full" if is_disk_full(exc) else "database"
+                self.degrade(f"{cause}: {brief(exc)}")
+                continue
             except BaseException as exc:
                 for waiter in waiters:
                     if waiter.done():
@@ -337,9 +412,122 @@ class HubRuntime:
                     else:
                         waiter.cancel()
                 raise
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            _settle(waiters, None)
+
+    async def _woken(self, timeout: float) -> None:
+        """Wait until an event is submitted, or ``timeout`` seconds. Not ``wait_for``: on
+        Python 3.11 it swallows a cancellation that meets a wake-up, and the hub would not
+        stop."""
+        if self._wake.is_set():
+            return
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
+
+    # ---- degraded: no new work until the store and the disk take writes again -----------
+
+    def degrade(self, cause: str) -> None:
+        """Enter the degraded state (once; later causes while degraded are only logged).
+
+        Node sessions are ended with ``internal`` (nodes keep running their tasks, keep
+        results in their spool and reconnect with backoff), no node is admitted, the
+        inbox and the outbox wait, admin changes are refused; the pump probes the store
+        and the disk and rebuilds the scheduler from the database when both work.
+        """
+        if self.degraded is not None:
+            log.warning("while degraded: %s", cause)
+            return
+        self.degraded = cause
+        self.outages += 1
+        self._healthy.clear()
+        self.astore.fail_fast = True  # the recovery probes; readers get an error at once
+        now = time.monotonic()
+        if now - self._recovered_at > STEADY:
+            self._probe_delay = PROBE_FIRST  # else it goes on from where the last outage was
+        self._degraded_at = now
+        sessions = list(self.sessions.values())
+        log.error(
+            "HUB DEGRADED: %s. Nothing uncommitted was sent. Taking no new work: inbox "
+            "paused, %d node session(s) closed, new nodes refused, until the database and "
+            "%s take writes again (probing with backoff).",
+            cause,
+            len(sessions),
+            self.config.data_dir,
+        )
+        self.sessions.clear()  # so their ends submit no NodeLeft: the scheduler is rebuilt
+        self._node_keys.clear()
+        for session in sessions:
+            if not session.closed:  # one that met the fault was told already
+                session.end(ErrorCode.INTERNAL, self._unavailable())
+        self._wake.set()
+
+    def _unavailable(self) -> str:
+        return f"the hub takes no work for now ({self.degraded}); try again later"
+
+    async def _recover(self) -> None:
+        """Probe until the store commits a small write and the data directory has room,
+        then rebuild the scheduler from the database, exactly as at start-up."""
+        attempts = 0
+        while True:
+            delay = self._probe_delay
+            self._probe_delay = min(PROBE_CAP, delay * 2)
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            attempts += 1
+            try:
+                await self.astore.call(self.store.probe, self.now())
+                await asyncio.to_thread(self._probe_disk)
+                async with self.ingest_lock:  # no inbox scan between loading and installing
+                    snapshot = await self.astore.call(self.store.load_snapshot)
+                    self._rebuild(snapshot)
+            except (StoreError, OSError) as exc:
+                log.info("still degraded (probe %d): %s", attempts, brief(exc))
+                continue
+            break
+        took = time.monotonic() - self._degraded_at
+        self._recovered_at = time.monotonic()
+        log.warning(
+            "HUB RECOVERED after %.1f s (%d probe(s)): scheduler rebuilt from the database "
+            "(%d waiting tasks, %d live leases); taking work again",
+            took,
+            attempts,
+            self.scheduler.waiting_count(),
+            len(self.scheduler.leases),
+        )
+
+    def _probe_disk(self) -> None:
+        """Write, sync and remove PROBE_BYTES in the data directory (raises OSError)."""
+        path = self.config.data_dir / ".issc-space-probe"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(bytes(PROBE_BYTES))
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _rebuild(self, snapshot: Snapshot) -> None:
+        """Leave the degraded state with a scheduler made from ``snapshot``: events that
+        came meanwhile are dropped (their nodes were disconnected and say it all again)."""
+        self.scheduler = Scheduler(self.scheduler.settings, snapshot, now=self.now())
+        self._pending = []
+        waiters, self._waiters = self._waiters, []
+        _settle(waiters, StoreError(f"the change was not committed: {self.degraded}"))
+        live = self.scheduler.leases.keys() | self.scheduler.past_leases.keys()
+        self._declared = {lease: d for lease, d in self._declared.items() if lease in live}
+        self._offered = {pk: o for pk, o in self._offered.items() if pk in self.scheduler.tasks}
+        self._bundles.clear()
+        self.degraded = None
+        self.astore.fail_fast = False
+        self._healthy.set()
+        self._export_wanted.set()
+        self._wake.set()
 
     async def _carry_out(self, instructions: Sequence[ev.Instruction]) -> None:
         changes: list[Change] = []
@@ -350,10 +538,14 @@ class HubRuntime:
             else:
                 changes.append(item)
         if changes:
-            # A failure here is fatal on purpose: memory would be ahead of the database.
+            # A failure here degrades the hub (see pump): memory is ahead of the database.
             await self.astore.call(self.store.apply, changes)
+            self._round_committed = True
             self.batches += 1
-            await self._log_endings(changes)
+            try:
+                await self._log_endings(changes)
+            except StoreError as exc:  # only the log lines are missing: not worth degrading
+                log.warning("cannot name the tasks of ended leases for the log: %s", brief(exc))
             finished = [c for c in changes if isinstance(c, TaskFinished)]
             for done in finished:
                 self._offered.pop(done.task_pk, None)  # no result of the task counts now
@@ -362,7 +554,10 @@ class HubRuntime:
                 self._count_finished(
                     sum(1 for c in finished if c.state in (TaskState.C, TaskState.F))
                 )
-                await asyncio.to_thread(self._discard_uploads, finished)
+                try:
+                    await asyncio.to_thread(self._discard_uploads, finished)
+                except OSError as exc:  # left for the next round that finishes a task
+                    log.warning("uploads: cannot remove partial uploads: %s", exc)
         for message in messages:
             await self._deliver(message)
 
@@ -422,6 +617,13 @@ class HubRuntime:
         These are the events an operator looks for (a node lost, a bundle refused, a task
         given up on); completions are counted in `issc-ctl status`, not logged one by one.
         """
+        for trust in changes:
+            if isinstance(trust, TrustChanged) and trust.disagreed:
+                log.warning(
+                    "volunteer %s is not trusted: a result of theirs disagreed with the "
+                    "agreed or known answer; their results count only when confirmed",
+                    trust.volunteer,
+                )
         ended = [c for c in changes if isinstance(c, LeaseEnded) and c.outcome != "completed"]
         failed = [c for c in changes if isinstance(c, TaskFinished) and c.state is TaskState.F]
         if not ended and not failed:
@@ -462,10 +664,17 @@ class HubRuntime:
                 self.uploads.discard(lease)
 
     async def export_loop(self) -> None:
-        """Write finished tasks to the outbox, off the event loop, coalescing requests."""
+        """Write finished tasks to the outbox, off the event loop, coalescing requests.
+
+        A failed export (a database error, a full disk, EIO) loses and duplicates nothing
+        (hub/outbox.py): it is tried again with backoff; a full disk degrades the hub, and
+        the export waits for its recovery.
+        """
         self._export_wanted.set()  # whatever a crash left unexported
+        failures = 0
         while True:
             await self._export_wanted.wait()
+            await self._healthy.wait()
             # Let finished tasks gather: one export (one fsync, one transaction) for many,
             # instead of one per commit, which kept the store's thread from committing.
             await asyncio.sleep(EXPORT_COALESCE)
@@ -474,26 +683,48 @@ class HubRuntime:
                 await self.astore.call(self.outbox.export)
             except (StoreError, OSError) as exc:
                 # Nothing is lost: unexported tasks stay marked so in the database.
-                log.error("outbox: export failed, retrying in %s s: %s", RETRY_DELAY, exc)
-                await asyncio.sleep(RETRY_DELAY)
+                failures += 1
+                if is_disk_full(exc):
+                    self.degrade(f"disk full: outbox: {brief(exc)}")
+                elif failures == 1:
+                    log.error("outbox: export failed, retrying with backoff: %s", brief(exc))
+                await asyncio.sleep(_backoff(failures))
                 self._export_wanted.set()
+                continue
+            if failures:
+                log.warning("outbox: export works again after %d failed tries", failures)
+                failures = 0
 
     async def inbox_loop(self) -> None:
+        """Read the inbox every INBOX_POLL seconds; not while the hub is degraded."""
+        failures = 0
         while True:
-            delay = INBOX_POLL
+            await self._healthy.wait()
+            trouble: BaseException | None = None
             async with self.ingest_lock:
                 try:
                     ingested = await self.astore.call(self.inbox.scan)
-                except StoreError as exc:
+                    trouble = self.inbox.trouble
+                except (StoreError, OSError) as exc:
                     # The file that met the error stays in the inbox and is read again later.
-                    log.error("inbox: scan failed, retrying in %s s: %s", RETRY_DELAY, exc)
-                    ingested, delay = [], RETRY_DELAY
+                    ingested, trouble = [], exc
                 for item in ingested:
                     if item.project is not None:
                         self._bundles.pop(item.project.digest or "", None)
                         self.submit(ev.ProjectUpdated(item.project))
                     if item.project_id is not None and item.task_pks:
-                        self.submit(ev.TasksAdded(item.project_id, item.task_pks))
+                        self.submit(ev.TasksAdded(item.project_id, item.task_pks, item.expected))
+            delay = INBOX_POLL
+            if trouble is not None:
+                failures += 1
+                if is_disk_full(trouble):
+                    self.degrade(f"disk full: inbox: {brief(trouble)}")
+                elif failures == 1:
+                    log.error("inbox: scan failed, retrying with backoff: %s", brief(trouble))
+                delay = max(delay, _backoff(failures))
+            elif failures:
+                log.warning("inbox: reading files again after %d failed scans", failures)
+                failures = 0
             await asyncio.sleep(delay)
 
     # ---- admin views ------------------------------------------------------------------
@@ -545,3 +776,20 @@ class HubRuntime:
                 }
             )
         return out
+
+
+def _settle(waiters: Sequence[asyncio.Future[None]], error: Exception | None) -> None:
+    """Resolve submit_and_wait callers: committed (``error`` None) or not."""
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+
+def _backoff(failures: int) -> float:
+    """Seconds before the next try after ``failures`` failures in a row (with jitter)."""
+    step = min(RETRY_DELAY, 0.25 * 2**failures)
+    return random.uniform(step / 2, step)

@@ -8,13 +8,23 @@ database does not hold. ``now`` travels inside the events, so tests drive time.
 
 Memory holds only what scheduling needs: per project a queue of waiting task keys,
 and a record for each task that has had a lease and is not finished.
+
+Replicas (docs/design.md, "Quorum, trust and spot checks"): a task of a project with
+``quorum: N`` is run by N nodes of N different volunteers, and its successful results
+wait, pending, until N of them agree; a result of a volunteer that is not trusted, or an
+answer to a task with a known answer, is checked the same way. A quorum-1 task run by a
+trusted volunteer takes exactly the single-lease path it always took.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import json
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from hub.changes import (
     LeaseAccepted,
@@ -22,8 +32,12 @@ from hub.changes import (
     LeaseOffered,
     LeaseOutcome,
     ProjectPauseChanged,
+    ResultJudged,
+    ResultPending,
     TaskFinished,
     TaskUpdated,
+    TrustChanged,
+    Verdict,
 )
 from hub.events import (
     BundleRefused,
@@ -51,9 +65,27 @@ from hub.events import (
     Tick,
 )
 from hub.lifecycle import TaskEvent, TaskState, next_state
+from hub.quorum import (
+    Agreement,
+    PendingRec,
+    agree,
+    answer_agrees,
+    describe_disagreement,
+    find_agreement,
+)
 
 # A project's code failing this many times on a task is deterministic: the task is F.
 CODE_ERRORS_BEFORE_FAIL = 2
+# Agreements in a row after which a distrusted volunteer is trusted again.
+TRUST_AFTER = 10
+# Replica-queue entries one offer looks at before it gives up on a node for this round
+# (every one of them already has a replica or a pending result of the node's volunteer).
+MAX_SKIPS = 8
+# The ack of a result that is not taken, whatever the reason: never says "spot check".
+NOT_ACCEPTED = "result not accepted"
+
+# Where a task's key waits (TaskRec.queued).
+NOT_QUEUED, IN_QUEUE, IN_REPLICAS = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,15 +95,52 @@ class Settings:
     lease_window: float  # heartbeat_interval * heartbeat_misses
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class TaskRec:
+    """An unfinished task that has had a lease (or is about to get one)."""
+
     pk: int
     project_id: int
-    state: TaskState = TaskState.NA
-    attempts: int = 0
-    code_errors: int = 0
-    lease: int | None = None
-    past_leases: list[int] = field(default_factory=list)
+    state: TaskState
+    attempts: int
+    code_errors: int
+    leases: set[int]  # live leases: at most one unless its results must agree
+    past_leases: list[int]
+    pending: list[PendingRec]  # successful results waiting for agreement, oldest first
+    answered: set[int]  # leases whose successful result it took (pending, judged, discarded)
+    target: int  # results and live leases it wants: set while it has pending results
+    queued: int  # NOT_QUEUED, IN_QUEUE (the project's queue) or IN_REPLICAS
+    rejected: set[str]  # volunteers whose answer contradicted its known answer
+
+    def __init__(
+        self,
+        pk: int,
+        project_id: int,
+        state: TaskState = TaskState.NA,
+        attempts: int = 0,
+        code_errors: int = 0,
+        lease: int | None = None,
+        past_leases: list[int] | None = None,
+        *,
+        answered: Iterable[int] = (),
+    ) -> None:
+        self.pk = pk
+        self.project_id = project_id
+        self.state = state
+        self.attempts = attempts
+        self.code_errors = code_errors
+        self.leases = {lease} if lease is not None else set()
+        self.past_leases = list(past_leases or ())
+        self.pending = []
+        self.answered = set(answered)
+        self.target = 0
+        self.queued = NOT_QUEUED
+        self.rejected = set()
+
+    @property
+    def lease(self) -> int | None:
+        """The newest live lease (the only one, unless results must agree), or None."""
+        return max(self.leases) if self.leases else None
 
 
 @dataclass(slots=True)
@@ -107,6 +176,9 @@ class Snapshot:
     past_leases: list[LeaseRec] = field(default_factory=list)  # ended leases of those tasks
     node_volunteers: dict[str, str] = field(default_factory=dict)  # node id -> volunteer
     next_lease_id: int = 1
+    pending: list[PendingRec] = field(default_factory=list)  # of unfinished tasks, in order
+    untrusted: dict[str, int] = field(default_factory=dict)  # volunteer -> agreements since
+    expected: dict[int, Any] = field(default_factory=dict)  # task key -> known answer
 
 
 class Scheduler:
@@ -116,13 +188,21 @@ class Scheduler:
         self.settings = settings
         self.projects: dict[int, ProjectInfo] = {}
         self.project_ids: dict[str, int] = {}
+        # Per project: tasks without a live lease or a pending result, retries in front.
         self.queues: dict[int, deque[int]] = {}
+        # Per project: tasks that have replicas out or results pending and want more.
+        self.replica_queues: dict[int, deque[int]] = {}
         self.tasks: dict[int, TaskRec] = {}
         self.leases: dict[int, LeaseRec] = {}
         self.past_leases: dict[int, LeaseRec] = {}  # ended leases of unfinished tasks
         self.offered: OrderedDict[int, float] = OrderedDict()  # TA lease -> deadline, in order
         self.nodes: dict[str, NodeRec] = {}
-        self.finished_while_waiting: set[int] = set()  # queue entries to skip
+        # Entries of ``queues`` to skip, by task: the task finished, or moved to the
+        # replica queue, while its key waited there (a count: a key may wait twice).
+        self.finished_while_waiting: dict[int, int] = {}
+        self.expected: dict[int, Any] = {}  # task key -> known answer (spot checks)
+        self.untrusted: dict[str, int] = {}  # volunteer -> agreements in a row since distrusted
+        self.pending_tasks: dict[str, set[int]] = {}  # volunteer -> tasks with its pending results
         self.next_lease_id = 1
         self._out: list[Instruction] = []
         if snapshot is not None:
@@ -142,15 +222,20 @@ class Scheduler:
         return out
 
     def waiting_count(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return sum(len(q) for q in self.queues.values()) + sum(
+            len(q) for q in self.replica_queues.values()
+        )
+
+    def trusted(self, volunteer: str) -> bool:
+        return volunteer not in self.untrusted
 
     # ---- restore ----------------------------------------------------------------------
 
     def _restore(self, snap: Snapshot, now: float) -> None:
         for project in snap.projects:
             self._set_project(project)
-        for project_id, pks in snap.waiting.items():
-            self.queues.setdefault(project_id, deque()).extend(pks)
+        self.untrusted = dict(snap.untrusted)
+        self.expected = dict(snap.expected)
         for task in snap.tasks:
             self.tasks[task.pk] = task
         for lease in snap.leases:
@@ -161,10 +246,29 @@ class Scheduler:
                 # Until it reconnects, a node's leases live for one heartbeat window from now.
                 node = self.nodes[lease.node_id] = NodeRec(lease.node_id, volunteer, last_seen=now)
             node.leases.add(lease.id)
+            if (holder := self.tasks.get(lease.task_pk)) is not None:
+                holder.leases.add(lease.id)
             if not lease.accepted:
                 self.offered[lease.id] = now + self.settings.offer_timeout
         for lease in snap.past_leases:
             self.past_leases[lease.id] = lease
+        for rec in snap.pending:
+            if (holder := self.tasks.get(rec.task_pk)) is not None:
+                holder.pending.append(rec)
+                self.pending_tasks.setdefault(rec.volunteer, set()).add(holder.pk)
+        for project_id, pks in snap.waiting.items():
+            queue = self.queues.setdefault(project_id, deque())
+            for pk in pks:
+                waiting = self.tasks.get(pk)
+                if waiting is not None and (waiting.pending or waiting.rejected):
+                    continue  # not for every volunteer: queued below, with replicas
+                queue.append(pk)
+                if waiting is not None:
+                    waiting.queued = IN_QUEUE
+        for task in self.tasks.values():
+            if task.pending:
+                self._retarget(task)
+            self._queue(task)  # tasks with replicas out or results pending that want more
         self.next_lease_id = snap.next_lease_id
 
     # ---- dispatch ---------------------------------------------------------------------
@@ -199,6 +303,8 @@ class Scheduler:
                 self._expire_silent_nodes(event.now)
             case TasksAdded():
                 self.queues.setdefault(event.project_id, deque()).extend(event.task_pks)
+                for pk, answer in event.expected:
+                    self.expected[pk] = json.loads(answer)
             case ProjectUpdated():
                 self._set_project(event.project)
             case ProjectPaused() | ProjectResumed():
@@ -227,6 +333,10 @@ class Scheduler:
         return [
             lid for lid in lease_ids if (lease := self.leases.get(lid)) and lease.node_id == node_id
         ]
+
+    def _volunteer_of(self, node_id: str) -> str:
+        node = self.nodes.get(node_id)
+        return node.volunteer if node is not None else ""
 
     # ---- nodes ------------------------------------------------------------------------
 
@@ -290,25 +400,104 @@ class Scheduler:
             project = self.projects[project_id]
             if project.paused or project.digest is None or project.digest in node.refused_digests:
                 continue
-            task = self._pop_waiting(project_id)
+            task = self._pop_waiting(project_id, node)
             if task is not None:
                 node.next_project = (node.next_project + i + 1) % len(names)
                 return task, project
         return None
 
-    def _pop_waiting(self, project_id: int) -> TaskRec | None:
+    def _pop_waiting(self, project_id: int, node: NodeRec) -> TaskRec | None:
+        """The next task of the project for this node, taken off its queue.
+
+        Tasks that want another replica come first, each to a node of a volunteer that
+        holds no live lease and no pending result of it; one that this node's volunteer
+        holds goes to the back of the line, at most MAX_SKIPS of them per offer.
+        """
+        replicas = self.replica_queues.get(project_id)
+        if replicas:
+            for _ in range(min(len(replicas), MAX_SKIPS)):
+                pk = replicas.popleft()
+                task = self.tasks.get(pk)
+                if task is None or task.queued != IN_REPLICAS:
+                    continue  # finished meanwhile, or queued elsewhere since
+                if self._replicas_wanted(task) <= 0:
+                    task.queued = NOT_QUEUED
+                    continue
+                if self._holds(task, node.volunteer):
+                    replicas.append(pk)
+                    continue
+                task.queued = NOT_QUEUED
+                return task
         queue = self.queues.get(project_id)
         while queue:
             pk = queue.popleft()
-            if pk in self.finished_while_waiting:
-                # A late result completed this task after it was requeued.
-                self.finished_while_waiting.discard(pk)
-                continue
+            if self._take_stale(pk):
+                continue  # a late result completed this task after it was requeued
             task = self.tasks.get(pk)
             if task is None:
                 task = self.tasks[pk] = TaskRec(pk, project_id)
+                return task
+            if task.queued != IN_QUEUE:
+                continue  # not waiting here any more
+            task.queued = NOT_QUEUED
             return task
         return None
+
+    def _mark_stale(self, pk: int) -> None:
+        self.finished_while_waiting[pk] = self.finished_while_waiting.get(pk, 0) + 1
+
+    def _take_stale(self, pk: int) -> bool:
+        """Whether this queue entry of ``pk`` is one to skip (and forget)."""
+        count = self.finished_while_waiting.get(pk)
+        if count is None:
+            return False
+        if count > 1:
+            self.finished_while_waiting[pk] = count - 1
+        else:
+            del self.finished_while_waiting[pk]
+        return True
+
+    def _holds(self, task: TaskRec, volunteer: str) -> bool:
+        """The volunteer has a live lease or a pending result of the task already (or
+        answered it wrongly: a task with a known answer does not go back to them)."""
+        if volunteer in task.rejected:
+            return True
+        for lease_id in task.leases:
+            if self._volunteer_of(self.leases[lease_id].node_id) == volunteer:
+                return True
+        return any(p.volunteer == volunteer for p in task.pending)
+
+    def _target(self, task: TaskRec) -> int:
+        """How many results and live leases the task wants in all."""
+        return task.target if task.pending else self.projects[task.project_id].quorum
+
+    def _replicas_wanted(self, task: TaskRec) -> int:
+        return self._target(task) - len(task.pending) - len(task.leases)
+
+    def _queue(self, task: TaskRec) -> None:
+        """Put the task where nodes find it, if it wants another lease and is not queued.
+
+        A task with nothing out and nothing pending goes to the front of its project's
+        queue (a retry: the oldest work); one that wants another replica to the back of
+        the replica queue.
+        """
+        wanted = self._replicas_wanted(task)
+        picky = bool(task.leases or task.pending or task.rejected)  # not for every volunteer
+        if task.queued == IN_REPLICAS and (wanted <= 0 or not picky):
+            # A late result made another replica needless, or its replicas all ended
+            # without a result (a retry now, like any other). Both are rare, and a replica
+            # queue is short: the linear removal is cheap.
+            with contextlib.suppress(ValueError):
+                self.replica_queues[task.project_id].remove(task.pk)
+            task.queued = NOT_QUEUED
+        if task.queued != NOT_QUEUED or wanted <= 0:
+            return
+        if picky:
+            self.replica_queues.setdefault(task.project_id, deque()).append(task.pk)
+            task.queued = IN_REPLICAS
+        else:
+            self.queues.setdefault(task.project_id, deque()).appendleft(task.pk)
+            task.queued = IN_QUEUE
 
     def _offer(self, task: TaskRec, project: ProjectInfo, node: NodeRec, now: float) -> OfferItem:
         lease_id = self.next_lease_id
@@ -317,9 +506,11 @@ class Scheduler:
         self.offered[lease_id] = now + self.settings.offer_timeout
         node.leases.add(lease_id)
         task.state = next_state(task.state, TaskEvent.OFFER)
-        task.lease = lease_id
+        task.leases.add(lease_id)
         self._out.append(LeaseOffered(lease_id, task.pk, node.node_id, now))
         self._out.append(TaskUpdated(task.pk, task.state, task.attempts, lease_id, node.node_id))
+        if project.quorum > 1 or task.pending or task.rejected:
+            self._queue(task)  # another replica, for another volunteer's node
         return OfferItem(lease_id, task.pk, project)
 
     def _accept(self, event: OffersAccepted) -> None:
@@ -360,14 +551,16 @@ class Scheduler:
             node.leases.discard(lease_id)
         task = self.tasks[lease.task_pk]
         self.past_leases[lease_id] = lease
-        task.past_leases.append(lease_id)
-        if task.lease == lease_id:
-            task.lease = None
+        if task.past_leases and lease_id < task.past_leases[-1]:
+            bisect.insort(task.past_leases, lease_id)  # replicas may end in any order
+        else:
+            task.past_leases.append(lease_id)
+        task.leases.discard(lease_id)
         self._out.append(LeaseEnded(lease_id, outcome, detail, now, lease.task_pk, lease.node_id))
         return lease
 
     def _end_lease(self, lease_id: int, outcome: str, detail: str | None, now: float) -> None:
-        """End the task's live lease and move the task on according to why it ended."""
+        """End one live lease of a task and move the task on according to why it ended."""
         lease = self._drop_lease(lease_id, outcome, detail, now)
         task = self.tasks[lease.task_pk]
         if outcome in (LeaseOutcome.DECLINED, LeaseOutcome.OFFER_EXPIRED):
@@ -380,7 +573,20 @@ class Scheduler:
             return
         if outcome == LeaseOutcome.REFUSED and not lease.accepted:
             task.attempts += 1  # refusing the bundle is a failed attempt, not a give-back
-        if task.attempts >= self.settings.max_attempts:
+        self._give_up_or_retry(task, lease, outcome, detail, now)
+
+    def _failures(self, task: TaskRec) -> int:
+        """Attempts that came to nothing: not a successful result, not running now.
+
+        For a task with one lease at a time and no result yet, simply ``attempts``.
+        """
+        running = sum(1 for lid in task.leases if self.leases[lid].accepted)
+        return task.attempts - len(task.answered) - running
+
+    def _give_up_or_retry(
+        self, task: TaskRec, lease: LeaseRec, outcome: str, detail: str | None, now: float
+    ) -> None:
+        if self._failures(task) >= self.settings.max_attempts:
             tries = f"{task.attempts} attempt{'s' if task.attempts != 1 else ''}"
             error = f"gave up after {tries}; last: {outcome}: {detail}"
             self._finish(task, TaskState.F, lease, None, now, error=error)
@@ -388,10 +594,33 @@ class Scheduler:
             self._requeue(task, TaskEvent.LEASE_LOST)
 
     def _requeue(self, task: TaskRec, event: TaskEvent) -> None:
+        """A lease of the task ended without a result that counts: it wants another."""
+        if task.leases:
+            event = self._replica_end(task)
         task.state = next_state(task.state, event)
         # Retries go to the front: they are the oldest work and may block a project's end.
-        self.queues.setdefault(task.project_id, deque()).appendleft(task.pk)
-        self._out.append(TaskUpdated(task.pk, task.state, task.attempts, None, None))
+        self._queue(task)
+        self._task_updated(task)
+
+    def _replica_end(self, task: TaskRec) -> TaskEvent:
+        """The event of a lease ending while others of the task stay live."""
+        if task.state is TaskState.A and not any(self.leases[i].accepted for i in task.leases):
+            return TaskEvent.LAST_ACCEPTED_END
+        return TaskEvent.REPLICA_END
+
+    def _task_updated(self, task: TaskRec) -> None:
+        lease = task.lease
+        node_id = self.leases[lease].node_id if lease is not None else None
+        self._out.append(TaskUpdated(task.pk, task.state, task.attempts, lease, node_id))
+
+    def _end_replicas(self, task: TaskRec, detail: str, reason: str, now: float) -> None:
+        """The task is finished: its other live leases end and their nodes stop them."""
+        stops: dict[str, list[int]] = {}
+        for lease_id in sorted(task.leases):
+            other = self._drop_lease(lease_id, LeaseOutcome.SUPERSEDED, detail, now)
+            stops.setdefault(other.node_id, []).append(lease_id)
+        for node_id, leases in stops.items():
+            self._out.append(SendCancel(node_id, tuple(leases), reason))
 
     # ---- admin: pause, resume, cancel -------------------------------------------------
 
@@ -411,18 +640,21 @@ class Scheduler:
             return
         queue = self.queues.get(project_id, deque())
         self.queues[project_id] = deque()
+        self.replica_queues[project_id] = deque()
         for pk in queue:
-            if pk in self.finished_while_waiting:
-                self.finished_while_waiting.discard(pk)  # finished already (a late result)
-                continue
-            self._cancel_task(self.tasks.get(pk) or TaskRec(pk, project_id), None, event)
+            if self._take_stale(pk):
+                continue  # finished already (a late result)
+            task = self.tasks.get(pk) or TaskRec(pk, project_id)
+            if task.queued != IN_QUEUE and pk in self.tasks:
+                continue  # a stale entry: the task is cancelled below
+            task.queued = NOT_QUEUED
+            self._cancel_task(task, None, event)
         stops: dict[str, list[int]] = {}
         for task in [t for t in self.tasks.values() if t.project_id == project_id]:
+            task.queued = NOT_QUEUED
             lease = None
-            if task.lease is not None:  # TA or A: offered to, or running on, a node
-                lease = self._drop_lease(
-                    task.lease, LeaseOutcome.CANCELLED, event.reason, event.now
-                )
+            for lease_id in sorted(task.leases):  # TA or A: offered to, or running on, nodes
+                lease = self._drop_lease(lease_id, LeaseOutcome.CANCELLED, event.reason, event.now)
                 stops.setdefault(lease.node_id, []).append(lease.id)
             self._cancel_task(task, lease, event)
         for node_id, leases in sorted(stops.items()):
@@ -446,9 +678,7 @@ class Scheduler:
                 at=event.now,
             )
         )
-        for lease_id in task.past_leases:
-            self.past_leases.pop(lease_id, None)
-        self.tasks.pop(task.pk, None)
+        self._forget(task)
 
     # ---- results ----------------------------------------------------------------------
 
@@ -463,19 +693,28 @@ class Scheduler:
             self._ack(event, False, "lease held by another node")
             return
         task = self.tasks[lease.task_pk]
+        if task.answered and lease.id in task.answered:
+            self._ack(event, False, "result already recorded")  # sent twice
+            return
         if not event.ok:
             self._code_error(task, lease, event)
             return
+        project = self.projects[task.project_id]
+        volunteer = self._volunteer_of(lease.node_id)
+        if (
+            project.quorum > 1
+            or task.pending
+            or volunteer in self.untrusted
+            or task.pk in self.expected
+        ):
+            self._checked_result(task, project, lease, volunteer, event)
+            return
+        # One result settles the task: quorum 1, a trusted volunteer, no known answer.
         if event.lease in self.leases:
             self._drop_lease(event.lease, LeaseOutcome.COMPLETED, None, event.now)
-        if task.lease is not None:
-            # A late result wins over the lease that replaced it: cancel that one on its node.
-            other = self._drop_lease(
-                task.lease, LeaseOutcome.SUPERSEDED, f"lease {lease.id} finished", event.now
-            )
-            self._out.append(SendCancel(other.node_id, (other.id,), "task completed elsewhere"))
         if not lease.accepted:
             task.attempts += 1  # a result for an unconfirmed offer still was an attempt
+        # A late result wins over a lease that replaced it: that one is cancelled on its node.
         self._finish(task, TaskState.C, lease, event, event.now, error=None)
         self._ack(event, True, None)
 
@@ -489,7 +728,7 @@ class Scheduler:
         if not lease.accepted:
             task.attempts += 1
         deterministic = task.code_errors >= CODE_ERRORS_BEFORE_FAIL
-        if deterministic or task.attempts >= self.settings.max_attempts:
+        if deterministic or self._failures(task) >= self.settings.max_attempts:
             self._finish(task, TaskState.F, lease, event, event.now, error=event.error)
         else:
             self._requeue(task, TaskEvent.LEASE_LOST)
@@ -505,8 +744,10 @@ class Scheduler:
         error: str | None,
     ) -> None:
         event = TaskEvent.COMPLETE if state is TaskState.C else TaskEvent.GIVE_UP
-        if task.state is TaskState.NA:
-            self.finished_while_waiting.add(task.pk)
+        if task.leases and state is TaskState.C:
+            self._end_replicas(task, f"lease {lease.id} finished", "task completed elsewhere", now)
+        elif task.leases:
+            self._end_replicas(task, "task failed", "task failed elsewhere", now)
         task.state = next_state(task.state, event)
         node = self.nodes.get(lease.node_id)
         self._out.append(
@@ -525,9 +766,20 @@ class Scheduler:
                 files=result.files if result and result.ok else (),
             )
         )
+        self._forget(task)
+
+    def _forget(self, task: TaskRec) -> None:
+        """The task is finished: drop what memory held for it."""
+        if task.queued == IN_QUEUE:
+            self._mark_stale(task.pk)  # its queue entry is skipped
+        for rec in task.pending:
+            # Pending results that were never judged (the task failed or was cancelled).
+            self._out.append(ResultJudged(rec.lease, Verdict.UNRESOLVED))
+            self._unindex(rec.volunteer, task.pk)
         for lease_id in task.past_leases:
             self.past_leases.pop(lease_id, None)
-        del self.tasks[task.pk]
+        self.expected.pop(task.pk, None)
+        self.tasks.pop(task.pk, None)
 
     def _credited_cpu(self, task: TaskRec, result: ResultReceived | None) -> float:
         """The CPU seconds a result claims, capped by its project's wall-time limit.
@@ -542,3 +794,238 @@ class Scheduler:
 
     def _ack(self, event: ResultReceived, accepted: bool, reason: str | None) -> None:
         self._out.append(SendResultAck(event.node_id, event.lease, accepted, reason))
+
+    # ---- results that must agree: quorum, trust, spot checks ---------------------------
+
+    def _checked_result(
+        self,
+        task: TaskRec,
+        project: ProjectInfo,
+        lease: LeaseRec,
+        volunteer: str,
+        event: ResultReceived,
+    ) -> None:
+        """A successful result that does not settle the task alone: it is checked against
+        the task's known answer, if any, then waits with the task's other results until
+        enough of them agree."""
+        now = event.now
+        known = task.pk in self.expected
+        if known and not answer_agrees(event.result, self.expected[task.pk], project.tolerance):
+            self._wrong_answer(task, lease, volunteer, event)
+            return
+        ended = event.lease in self.leases
+        if ended:
+            self._drop_lease(event.lease, LeaseOutcome.COMPLETED, None, now)
+        if not lease.accepted:
+            task.attempts += 1  # a result for an unconfirmed offer still was an attempt
+        rec = PendingRec(
+            lease=lease.id,
+            task_pk=task.pk,
+            node_id=lease.node_id,
+            volunteer=volunteer,
+            result=event.result,
+            files=event.files,
+            cpu_seconds=self._credited_cpu(task, event),
+            wall_seconds=event.wall_seconds,
+            at=now,
+            verified=known,
+        )
+        self._out.append(
+            ResultPending(
+                rec.lease,
+                task.pk,
+                rec.node_id,
+                volunteer,
+                rec.result,
+                rec.files,
+                rec.cpu_seconds,
+                rec.wall_seconds,
+                now,
+                known,
+            )
+        )
+        self._leave_main_queue(task)  # with a result pending it is a replica like the others
+        task.pending.append(rec)
+        task.answered.add(lease.id)
+        self.pending_tasks.setdefault(volunteer, set()).add(task.pk)
+        if known:
+            self._judge(volunteer, agreed=True)
+        self._settle(task, project, now, lease_ended=ended)
+        self._ack(event, True, None)
+
+    def _settle(self, task: TaskRec, project: ProjectInfo, now: float, lease_ended: bool) -> None:
+        """Finish the task if its pending results agree, or fail it at the bound; else
+        ask for as many more replicas as agreement still needs."""
+        agreement = self._agreement(task, project)
+        if agreement.group is not None:
+            self._complete_agreed(task, project, agreement.group, now)
+            return
+        if len(task.pending) >= 2 * project.quorum + 1:
+            self._fail_unagreed(task, project, now)
+            return
+        self._retarget(task, agreement.largest)
+        if not task.leases:
+            task.state = next_state(task.state, TaskEvent.RESULT_PENDING)
+        elif lease_ended:
+            task.state = next_state(task.state, self._replica_end(task))
+        self._queue(task)
+        self._task_updated(task)
+
+    def _agreement(self, task: TaskRec, project: ProjectInfo) -> Agreement:
+        known = task.pk in self.expected
+        return find_agreement(task.pending, project.quorum, project.tolerance, self.trusted, known)
+
+    def _retarget(self, task: TaskRec, largest: int | None = None) -> None:
+        """How many results and live leases the task wants, from its pending results.
+
+        Short of a group of ``quorum`` agreeing volunteers, it wants as many more as the
+        largest group lacks, or one more if that group has no trusted volunteer in it;
+        never more than ``2 * quorum + 1`` results in all.
+        """
+        project = self.projects[task.project_id]
+        quorum = project.quorum
+        if largest is None:
+            largest = self._agreement(task, project).largest
+        more = max(1, quorum - largest)
+        task.target = min(len(task.pending) + more, 2 * quorum + 1)
+
+    def _complete_agreed(
+        self, task: TaskRec, project: ProjectInfo, group: tuple[PendingRec, ...], now: float
+    ) -> None:
+        """C with the group's earliest result. Every pending result is judged against it:
+        agreeing ones earn their volunteers credit and trust, the others lose trust."""
+        agreed = group[0]
+        members = {id(p) for p in group}
+        credits: list[tuple[str, float]] = []
+        for rec in task.pending:
+            ok = id(rec) in members or agree(rec, agreed, project.tolerance)
+            self._out.append(ResultJudged(rec.lease, Verdict.AGREED if ok else Verdict.DISAGREED))
+            if ok and rec.volunteer:
+                credits.append((rec.volunteer, rec.cpu_seconds))
+            if not rec.verified:  # a checked answer was judged when it arrived
+                self._judge(rec.volunteer, agreed=ok)
+            self._unindex(rec.volunteer, task.pk)
+        task.pending = []
+        self._end_replicas(task, f"lease {agreed.lease} finished", "task completed elsewhere", now)
+        task.state = next_state(task.state, TaskEvent.COMPLETE)
+        self._out.append(
+            TaskFinished(
+                task_pk=task.pk,
+                state=task.state,
+                attempts=task.attempts,
+                lease=agreed.lease,
+                node_id=agreed.node_id or None,
+                volunteer=agreed.volunteer or None,
+                result=agreed.result,
+                error=None,
+                cpu_seconds=agreed.cpu_seconds,
+                wall_seconds=agreed.wall_seconds,
+                at=now,
+                files=agreed.files,
+                credits=tuple(credits),
+            )
+        )
+        self._forget(task)
+
+    def _fail_unagreed(self, task: TaskRec, project: ProjectInfo, now: float) -> None:
+        """F: the bound of results is reached and no group of them agrees."""
+        error = describe_disagreement(task.pending, project.quorum, project.tolerance, self.trusted)
+        last = task.pending[-1]
+        self._end_replicas(task, "task failed", "task failed elsewhere", now)
+        task.state = next_state(task.state, TaskEvent.GIVE_UP)
+        self._out.append(
+            TaskFinished(
+                task_pk=task.pk,
+                state=task.state,
+                attempts=task.attempts,
+                lease=last.lease,
+                node_id=last.node_id or None,
+                volunteer=last.volunteer or None,
+                result=None,
+                error=error,
+                cpu_seconds=0.0,
+                wall_seconds=0.0,
+                at=now,
+                credits=(),
+            )
+        )
+        self._forget(task)  # every pending result: unresolved
+
+    def _wrong_answer(
+        self, task: TaskRec, lease: LeaseRec, volunteer: str, event: ResultReceived
+    ) -> None:
+        """A spot check failed: the result is refused, the task runs again elsewhere, and
+        the volunteer is distrusted, its results still waiting elsewhere discarded."""
+        now = event.now
+        self._distrust(volunteer, now)
+        if volunteer:
+            task.rejected.add(volunteer)  # it goes to other volunteers from now on
+        if event.lease in self.leases:
+            self._drop_lease(event.lease, LeaseOutcome.REJECTED, NOT_ACCEPTED, now)
+            if not lease.accepted:
+                task.attempts += 1
+            self._give_up_or_retry(task, lease, LeaseOutcome.REJECTED, NOT_ACCEPTED, now)
+        else:
+            self._leave_main_queue(task)  # a late answer: the task may wait for anyone
+            self._queue(task)
+        self._ack(event, False, NOT_ACCEPTED)
+
+    def _leave_main_queue(self, task: TaskRec) -> None:
+        """A task waiting in its project's queue that is no longer for every volunteer
+        (a result pending, an answer refused) waits among the replicas instead."""
+        if task.queued == IN_QUEUE:
+            self._mark_stale(task.pk)  # its entry there is skipped
+            task.queued = NOT_QUEUED
+
+    def _judge(self, volunteer: str, agreed: bool) -> None:
+        """Count an agreement or a disagreement of the volunteer's; trust follows."""
+        if not volunteer:
+            return  # a node whose volunteer this run has not heard of: nobody to judge
+        if not agreed:
+            self.untrusted[volunteer] = 0
+            self._out.append(TrustChanged(volunteer, 0, 1, False, 0))
+            return
+        streak = self.untrusted.get(volunteer)
+        if streak is None:
+            self._out.append(TrustChanged(volunteer, 1, 0, True, 0))
+        elif streak + 1 >= TRUST_AFTER:
+            del self.untrusted[volunteer]
+            self._out.append(TrustChanged(volunteer, 1, 0, True, 0))
+        else:
+            self.untrusted[volunteer] = streak + 1
+            self._out.append(TrustChanged(volunteer, 1, 0, False, streak + 1))
+
+    def _distrust(self, volunteer: str, now: float) -> None:
+        """The volunteer answered a known-answer task wrongly: it is distrusted, and its
+        results that wait for agreement elsewhere are discarded (replicas replace them).
+        Tasks already finished stay finished: the outbox has them once and for all."""
+        self._judge(volunteer, agreed=False)
+        if not volunteer:
+            return
+        for pk in sorted(self.pending_tasks.get(volunteer, ())):
+            task = self.tasks[pk]
+            dropped = [p for p in task.pending if p.volunteer == volunteer and not p.verified]
+            if not dropped:
+                continue
+            task.pending = [p for p in task.pending if p not in dropped]
+            for rec in dropped:
+                self._out.append(ResultJudged(rec.lease, Verdict.DISCARDED))
+            if not any(p.volunteer == volunteer for p in task.pending):
+                self._unindex(volunteer, pk)
+            if not task.pending:
+                task.target = 0  # back to its project's quorum
+            else:
+                project = self.projects[task.project_id]
+                agreement = self._agreement(task, project)
+                if agreement.group is not None:
+                    self._complete_agreed(task, project, agreement.group, now)
+                    continue
+                self._retarget(task, agreement.largest)
+            self._queue(task)
+
+    def _unindex(self, volunteer: str, pk: int) -> None:
+        tasks = self.pending_tasks.get(volunteer)
+        if tasks is not None:
+            tasks.discard(pk)
+            if not tasks:
+                del self.pending_tasks[volunteer]

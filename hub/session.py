@@ -141,6 +141,9 @@ class NodeSession:
             log.info("%s: no hello and proof within %s s", self.address, HANDSHAKE_TIMEOUT)
         except (ConnectionError, OSError) as exc:
             log.info("node %s (%s): connection lost: %s", self.node_id, self.address, exc)
+        except StoreError as exc:  # a bundle or a stored offer could not be read
+            log.error("node %s (%s): %s", self.node_id, self.address, exc)
+            self._send_error(ErrorCode.INTERNAL, "the hub cannot serve this node right now")
         finally:
             self.close()
             if self.node_id is not None:
@@ -196,7 +199,8 @@ class NodeSession:
             return False
         except StoreError as exc:
             # Not the node's fault: it retries later, it is not told to give up.
-            log.error("%s: cannot enroll node: %s", self.address, exc)
+            degraded = self.runtime.degraded is not None
+            (log.info if degraded else log.error)("%s: cannot enroll node: %s", self.address, exc)
             self._send_error(ErrorCode.INTERNAL, "the hub cannot admit nodes right now")
             return False
         self.volunteer = hello.volunteer
@@ -254,6 +258,10 @@ class NodeSession:
                 resumed=list(resumed),
             )
         )
+
+    def end(self, code: ErrorCode, message: str) -> None:
+        """Tell the node why, then close the connection (``internal``: it may come back)."""
+        self._send_error(code, message)
 
     def _send_error(self, code: ErrorCode, message: str) -> None:
         # The connection is going away anyway: failing to say why must not raise.
@@ -351,14 +359,18 @@ class NodeSession:
         ) or _bad_digest(message.sha256)
         if refusal is not None:
             raise RemoteProtocolError(f"upload: {refusal}")
-        held = await self.runtime.upload(
-            message.lease,
-            message.name,
-            message.sha256,
-            message.size,
-            message.offset,
-            message.data,
-        )
+        try:
+            held = await self.runtime.upload(
+                message.lease,
+                message.name,
+                message.sha256,
+                message.size,
+                message.offset,
+                message.data,
+            )
+        except OSError as exc:  # a full disk, say: the node keeps its result and comes back
+            self.runtime.upload_failed(self, exc)
+            return
         self.send(UploadAck(lease=message.lease, name=message.name, received=held))
 
     async def _on_result(self, message: Result) -> None:

@@ -8,9 +8,18 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from hub.db import NODES, VOLUNTEERS, StoreBase, iso_time
+from hub.db import NODES, VOLUNTEERS, StoreBase, chunks, iso_time
 from hub.lifecycle import TaskState
-from hub.models import EnrollmentToken, Lease, Node, Project, Result, Task, Volunteer
+from hub.models import (
+    EnrollmentToken,
+    Lease,
+    Node,
+    PendingResult,
+    Project,
+    Result,
+    Task,
+    Volunteer,
+)
 from issc.errors import StoreError
 
 
@@ -77,6 +86,8 @@ class AdminStore(StoreBase):
             ).first()
         if row is None:
             raise StoreError(f"no task {task_id!r} in project {project!r}")
+        history = self.task_history(project, task_id)
+        verdicts = self.result_verdicts([h["id"] for h in history])
         return {
             "id": task_id,
             "state": row.state,
@@ -92,8 +103,10 @@ class AdminStore(StoreBase):
                     "ended_at": iso_time(h["ended_at"]),
                     "outcome": h["outcome"],
                     "detail": h["detail"],
+                    # Results that had to agree: "pending", or what became of it.
+                    **({"verdict": verdicts[h["id"]]} if h["id"] in verdicts else {}),
                 }
-                for h in self.task_history(project, task_id)
+                for h in history
             ],
         }
 
@@ -115,6 +128,20 @@ class AdminStore(StoreBase):
                 .order_by(Lease.id)
             )
             return [dict(row._mapping) for row in rows]
+
+    def result_verdicts(self, leases: Sequence[int]) -> dict[int, str]:
+        """lease -> what became of its result, for results that had to agree ("pending"
+        while they wait; see hub.changes.Verdict)."""
+        out: dict[int, str] = {}
+        with self.engine.connect() as conn:
+            for chunk in chunks(leases):
+                rows = conn.execute(
+                    select(PendingResult.lease_id, PendingResult.verdict).where(
+                        PendingResult.lease_id.in_(list(chunk))
+                    )
+                )
+                out.update((lease, verdict or "pending") for lease, verdict in rows)
+        return out
 
     def task_names(self, pks: Sequence[int]) -> dict[int, str]:
         """task key -> "project/task id", for log lines."""
@@ -166,6 +193,17 @@ class AdminStore(StoreBase):
             }
             for name, credit, completed, created, n in rows
         ]
+
+    def volunteers_trust(self) -> dict[str, dict[str, Any]]:
+        """Per volunteer: ``trusted`` and how many of its compared results agreed or not."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(Volunteer.name, Volunteer.trusted, Volunteer.agreed, Volunteer.disagreed)
+            )
+            return {
+                name: {"trusted": bool(trusted), "agreed": agreed, "disagreed": disagreed}
+                for name, trusted, agreed, disagreed in rows
+            }
 
     def volunteer_export(self, name: str) -> dict[str, Any]:
         """Everything the hub holds about one volunteer, as one JSON-ready document.
@@ -226,6 +264,9 @@ class AdminStore(StoreBase):
             "created_at": iso_time(row.created_at),
             "credit": round(row.credit, 3),
             "tasks_completed": row.tasks_completed,
+            "trusted": bool(row.trusted),
+            "agreed": row.agreed,
+            "disagreed": row.disagreed,
             "enrollment_tokens": [
                 {"created_at": iso_time(t[0]), "used_at": iso_time(t[1]), "used_by": t[2]}
                 for t in tokens

@@ -73,6 +73,7 @@ class EnrollmentStore(StoreBase):
                 "quorum": manifest.quorum,
                 "output_mb": manifest.limits.output_mb,
                 "wall_seconds": manifest.limits.wall_seconds,
+                "tolerance": manifest.tolerance,
             }
             if row is None:
                 project_id = conn.execute(

@@ -25,6 +25,7 @@ class TaskEntry:
     line: int
     file_paths: tuple[tuple[str, str], ...] = ()  # (NAME, PATH) as written in the task file
     files: tuple[FileInfo, ...] = ()  # the same files once they are in the content store
+    expect_json: str | None = None  # a spot check's known answer, never sent to nodes
 
 
 def _insert_task_inputs(
@@ -95,6 +96,7 @@ class InboxStore(StoreBase):
                                 "exported": False,
                                 "source": sha256,
                                 "cpu_seconds": 0.0,
+                                "expect_json": e.expect_json,
                             }
                             for e in chunk
                         ],

@@ -15,16 +15,21 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hub.changes import (
     Change,
+    FileInfo,
     LeaseAccepted,
     LeaseEnded,
     LeaseOffered,
     ProjectPauseChanged,
+    ResultJudged,
+    ResultPending,
     TaskFinished,
     TaskUpdated,
+    TrustChanged,
 )
 from hub.db import (
     LEASES,
     OUTPUTS,
+    PENDING_RESULTS,
     PROJECTS,
     RESULTS,
     TASKS,
@@ -35,7 +40,8 @@ from hub.db import (
     update_by_id,
 )
 from hub.lifecycle import TaskState
-from hub.models import Lease, Node, Task, Volunteer
+from hub.models import Lease, Node, PendingResult, Task, Volunteer
+from hub.quorum import PendingRec
 from hub.scheduler import LeaseRec, Snapshot, TaskRec
 from issc.errors import StoreError
 
@@ -89,7 +95,13 @@ class SchedulerStore(StoreBase):
                     Task.id.in_(unfinished), Task.id.in_(select(Lease.task_id))
                 )
             ).all()
-            tasks = {r[0]: TaskRec(r[0], r[1], TaskState(r[2]), r[3], 0, r[4]) for r in rows}
+            live_ids = {r[0] for r in live}  # a task's live leases are these (snap.leases)
+            tasks = {
+                r[0]: TaskRec(
+                    r[0], r[1], TaskState(r[2]), r[3], 0, r[4] if r[4] in live_ids else None
+                )
+                for r in rows
+            }
             past = conn.execute(
                 select(
                     Lease.id,
@@ -102,6 +114,8 @@ class SchedulerStore(StoreBase):
                 .where(Lease.ended_at.is_not(None), Lease.task_id.in_(unfinished))
                 .order_by(Lease.id)
             ).all()
+            nodes = conn.execute(select(Node.id, Volunteer.name).join(Volunteer)).all()
+            snap.node_volunteers = {node_id: name for node_id, name in nodes}
             for lease_id, task_pk, node_id, accepted_at, offered_at, outcome in past:
                 task = tasks.get(task_pk)
                 if task is None:
@@ -111,12 +125,55 @@ class SchedulerStore(StoreBase):
                 task.past_leases.append(lease_id)
                 if outcome == "code_error":
                     task.code_errors += 1
+                elif outcome == "rejected" and node_id in snap.node_volunteers:
+                    task.rejected.add(snap.node_volunteers[node_id])  # a wrong known answer
             snap.tasks = list(tasks.values())
-            nodes = conn.execute(select(Node.id, Volunteer.name).join(Volunteer)).all()
-            snap.node_volunteers = {node_id: name for node_id, name in nodes}
+            self._load_replicas(conn, snap, tasks, unfinished)
             max_lease = conn.execute(select(func.max(Lease.id))).scalar()
             snap.next_lease_id = (max_lease or 0) + 1
         return snap
+
+    def _load_replicas(
+        self, conn: Any, snap: Snapshot, tasks: dict[int, TaskRec], unfinished: Any
+    ) -> None:
+        """Pending results, trust and known answers: what checking results needs."""
+        rows = conn.execute(
+            select(PENDING_RESULTS)
+            .where(PendingResult.task_id.in_(unfinished))
+            .order_by(PendingResult.received_at, PendingResult.lease_id)
+        ).all()
+        for row in rows:
+            task = tasks.get(row.task_id)
+            if task is None:
+                continue
+            task.answered.add(row.lease_id)  # taken once: discarded ones too
+            if row.verdict is not None:
+                continue
+            files = json.loads(row.files_json)
+            snap.pending.append(
+                PendingRec(
+                    lease=row.lease_id,
+                    task_pk=row.task_id,
+                    node_id=row.node_id,
+                    volunteer=row.volunteer,
+                    result=json.loads(row.result_json),
+                    files=tuple(FileInfo(name, sha, size) for name, sha, size in files),
+                    cpu_seconds=row.cpu_seconds,
+                    wall_seconds=row.wall_seconds,
+                    at=row.received_at,
+                    verified=bool(row.verified),
+                )
+            )
+        untrusted = conn.execute(
+            select(Volunteer.name, Volunteer.trust_streak).where(Volunteer.trusted.is_(False))
+        )
+        snap.untrusted = {name: streak for name, streak in untrusted}
+        answers = conn.execute(
+            select(Task.id, Task.expect_json).where(
+                Task.id.in_(unfinished), Task.expect_json.is_not(None)
+            )
+        )
+        snap.expected = {pk: json.loads(text) for pk, text in answers}
 
     # ---- scheduler changes ------------------------------------------------------------
 
@@ -168,6 +225,7 @@ class SchedulerStore(StoreBase):
                         if isinstance(c, TaskUpdated)
                     ],
                 )
+                self._write_replicas(conn, changes)
                 finished = [c for c in changes if isinstance(c, TaskFinished)]
                 if finished:
                     self._write_finished(conn, finished)
@@ -182,6 +240,64 @@ class SchedulerStore(StoreBase):
                 )
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot commit a batch of {len(changes)} changes: {exc}") from None
+
+    def _write_replicas(self, conn: Any, changes: Sequence[Change]) -> None:
+        """Pending results, their verdicts and the volunteers' trust (none for a quorum-1
+        task of a trusted volunteer: such a batch runs no statement here)."""
+        pending = [
+            {
+                "lease_id": c.lease,
+                "task_id": c.task_pk,
+                "node_id": c.node_id,
+                "volunteer": c.volunteer,
+                "result_json": json.dumps(c.result),
+                "files_json": json.dumps([[f.name, f.sha256, f.size] for f in c.files]),
+                "cpu_seconds": c.cpu_seconds,
+                "wall_seconds": c.wall_seconds,
+                "received_at": c.at,
+                "verified": c.verified,
+            }
+            for c in changes
+            if isinstance(c, ResultPending)
+        ]
+        if pending:
+            conn.execute(insert(PENDING_RESULTS), pending)
+        verdicts = [
+            {"b_lease": c.lease, "b_verdict": c.verdict}
+            for c in changes
+            if isinstance(c, ResultJudged)
+        ]
+        if verdicts:
+            conn.execute(
+                update(PENDING_RESULTS)
+                .where(PENDING_RESULTS.c.lease_id == bindparam("b_lease"))
+                .values(verdict=bindparam("b_verdict")),
+                verdicts,
+            )
+        trust = [
+            {
+                "b_name": c.volunteer,
+                "b_agreed": c.agreed,
+                "b_disagreed": c.disagreed,
+                "b_trusted": c.trusted,
+                "b_streak": c.streak,
+            }
+            for c in changes
+            if isinstance(c, TrustChanged)
+        ]
+        if trust:
+            # In order, one statement per change: the last word on trust wins.
+            conn.execute(
+                update(VOLUNTEERS)
+                .where(VOLUNTEERS.c.name == bindparam("b_name"))
+                .values(
+                    agreed=VOLUNTEERS.c.agreed + bindparam("b_agreed"),
+                    disagreed=VOLUNTEERS.c.disagreed + bindparam("b_disagreed"),
+                    trusted=bindparam("b_trusted"),
+                    trust_streak=bindparam("b_streak"),
+                ),
+                trust,
+            )
 
     def _write_finished(self, conn: Any, finished: list[TaskFinished]) -> None:
         update_by_id(
@@ -232,9 +348,12 @@ class SchedulerStore(StoreBase):
             )
             credit: dict[str, tuple[int, float]] = {}
             for c in completed:
-                if c.volunteer:
-                    n, cpu = credit.get(c.volunteer, (0, 0.0))
-                    credit[c.volunteer] = (n + 1, cpu + c.cpu_seconds)
+                # A task settled by agreement credits each agreeing volunteer; else its own.
+                earners = c.credits if c.credits is not None else ((c.volunteer, c.cpu_seconds),)
+                for volunteer, seconds in earners:
+                    if volunteer:
+                        n, cpu = credit.get(volunteer, (0, 0.0))
+                        credit[volunteer] = (n + 1, cpu + seconds)
             if credit:
                 conn.execute(
                     update(VOLUNTEERS)

@@ -24,8 +24,8 @@ MAX_INPUT_BYTES = 1024 * 1024  # an input must fit in one frame with room to spa
 # expand to more than the biggest file the inbox takes (hub/inbox.py MAX_INBOX_FILE).
 MAX_EXPANDED_BYTES = 512 * 1024 * 1024
 TASK_ID_RE = PLAIN_NAME_RE  # task ids become directory names in the outbox
-_TASK_KEYS = {"id", "input", "files"}
-_JSONL_KEYS = {"project", "id", "input", "files"}
+_TASK_KEYS = {"id", "input", "files", "expect"}
+_JSONL_KEYS = {"project", "id", "input", "files", "expect"}
 MAX_FILES_PER_TASK = 64
 MAX_PATH_CHARS = 1024
 
@@ -65,19 +65,27 @@ def _check_entry(entry: Any, line: int, keys: set[str], seen: set[str]) -> TaskE
     seen.add(task_id)
     if "input" not in entry:
         raise TaskFileError(f"task {task_id!r} has no input", line)
+    payload = _json_value(entry["input"], "input", task_id, line)
+    # A spot check: the known answer (any JSON value, null too), kept from the nodes.
+    expect = _json_value(entry["expect"], "expect", task_id, line) if "expect" in entry else None
+    file_paths = _check_files(entry.get("files"), task_id, line)
+    return TaskEntry(task_id, payload, line, file_paths=file_paths, expect_json=expect)
+
+
+def _json_value(value: Any, key: str, task_id: str, line: int) -> str:
+    """``value`` as compact JSON text, at most MAX_INPUT_BYTES. Raises TaskFileError."""
     try:
-        payload = json.dumps(entry["input"], allow_nan=False, separators=(",", ":"))
+        payload = json.dumps(value, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
         raise TaskFileError(
-            f"task {task_id!r}: input is not JSON-serialisable: {exc}", line
+            f"task {task_id!r}: {key} is not JSON-serialisable: {exc}", line
         ) from None
     if len(payload) > MAX_INPUT_BYTES:
         raise TaskFileError(
-            f"task {task_id!r}: input is {len(payload)} bytes, over the {MAX_INPUT_BYTES} limit",
+            f"task {task_id!r}: {key} is {len(payload)} bytes, over the {MAX_INPUT_BYTES} limit",
             line,
         )
-    file_paths = _check_files(entry.get("files"), task_id, line)
-    return TaskEntry(task_id, payload, line, file_paths=file_paths)
+    return payload
 
 
 def _check_files(files: Any, task_id: str, line: int) -> tuple[tuple[str, str], ...]:
@@ -206,11 +214,11 @@ class _Expansion:
         if not isinstance(task, yaml.MappingNode):
             return
         for key, value in task.value:
-            if isinstance(key, yaml.ScalarNode) and key.value == "input":
+            if isinstance(key, yaml.ScalarNode) and key.value in ("input", "expect"):
                 size = self.size(value, set())
                 if size > MAX_INPUT_BYTES:
                     raise TaskFileError(
-                        f"input expands to more than {MAX_INPUT_BYTES} bytes (YAML aliases?)",
+                        f"{key.value} expands to more than {MAX_INPUT_BYTES} bytes (YAML aliases?)",
                         line,
                     )
                 self.total += size

@@ -48,6 +48,8 @@ class Manifest:
     quorum: int
     files: tuple[FileEntry, ...]
     owner_key: str  # "ed25519:<base64>" of the key that signed this manifest
+    # Relative tolerance when replicas' numbers are compared (quorum); None: exact equality.
+    tolerance: float | None = None
 
 
 # --- project.yaml and the signed manifest.json ------------------------------------------
@@ -66,10 +68,13 @@ MAX_INT = 2**31 - 1
 MAX_PROJECT_YAML_BYTES = 1024 * 1024
 EXECUTION_MODES: tuple[ExecutionMode, ...] = ("process", "persistent")
 
-_PROJECT_KEYS = ("name", "version", "entrypoint", "mode", "limits", "quorum")
+_PROJECT_KEYS = ("name", "version", "entrypoint", "mode", "limits", "quorum", "tolerance")
 _REQUIRED_PROJECT_KEYS = ("name", "version", "entrypoint")
 _LIMIT_KEYS = ("wall_seconds", "memory_mb", "output_mb")
 _MANIFEST_KEYS = (*_PROJECT_KEYS, "files", "owner_key", "format")
+# ``tolerance`` is optional in manifest.json too: a bundle that declares none signs the
+# same bytes as before the key existed.
+_REQUIRED_MANIFEST_KEYS = tuple(key for key in _MANIFEST_KEYS if key != "tolerance")
 _FILE_KEYS = ("path", "size", "sha256", "executable")
 
 
@@ -83,6 +88,7 @@ class ProjectSpec:
     mode: ExecutionMode = "process"
     limits: Limits = Limits()
     quorum: int = 1
+    tolerance: float | None = None
 
     def to_manifest(self, files: tuple[FileEntry, ...], owner_key: str) -> Manifest:
         """Combine this spec with the bundle's files and the signer's public key string."""
@@ -95,6 +101,7 @@ class ProjectSpec:
             quorum=self.quorum,
             files=files,
             owner_key=owner_key,
+            tolerance=self.tolerance,
         )
 
 
@@ -177,6 +184,26 @@ class _Checker:
             raise self.fail(key, "must be a positive number")
         return number
 
+    def tolerance(self, value: object, key: str) -> float | None:
+        """Check an optional finite number >= 0 (bools are not numbers here)."""
+        if value is None:
+            return None
+        message = (
+            "must be a number >= 0 (the relative difference allowed between replicas' "
+            "numbers), or left out for exact equality"
+        )
+        if isinstance(value, str) and _looks_numeric(value):
+            # YAML 1.1 reads 1e-6 as text: only 1.0e-6 (with a point) is a number.
+            raise self.fail(
+                key, f"{message}; {value!r} is text to YAML: write it with a decimal point"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, message)
+        number = float(value)
+        if not (math.isfinite(number) and number >= 0):
+            raise self.fail(key, message)
+        return number
+
     def name(self, value: object, key: str) -> str:
         """Check a project name against NAME_PATTERN."""
         if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
@@ -228,7 +255,16 @@ class _Checker:
             mode=self.mode(raw.get("mode", "process"), "mode"),
             limits=self.limits(raw.get("limits", {}), "limits", limits_required),
             quorum=self.integer(raw.get("quorum", 1), "quorum", 1, "must be an integer >= 1"),
+            tolerance=self.tolerance(raw.get("tolerance"), "tolerance"),
         )
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_project_yaml(path: Path) -> ProjectSpec:
@@ -291,6 +327,8 @@ def manifest_to_bytes(m: Manifest) -> bytes:
         ],
         "owner_key": m.owner_key,
     }
+    if m.tolerance is not None:
+        document["tolerance"] = float(m.tolerance)
     text = json.dumps(
         document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
@@ -306,7 +344,7 @@ def manifest_from_bytes(b: bytes) -> Manifest:
     """
     checker = _Checker("manifest.json")
     document = _load_strict_json(b, checker)
-    raw = checker.mapping(document, "", _MANIFEST_KEYS, _MANIFEST_KEYS)
+    raw = checker.mapping(document, "", _MANIFEST_KEYS, _REQUIRED_MANIFEST_KEYS)
     if isinstance(raw["format"], bool) or raw["format"] != MANIFEST_FORMAT:
         raise checker.fail("format", f"unsupported manifest format {raw['format']!r}")
     spec = checker.spec(raw, limits_required=_LIMIT_KEYS)

@@ -50,6 +50,7 @@ class FakeRuntime:
     """What a NodeSession needs of the hub's runtime, with the real enrollment."""
 
     enroll = HubRuntime.enroll
+    degraded: str | None = None  # HubRuntime.enroll refuses nodes while it is set
 
     def __init__(self, store: Store, registration: str) -> None:
         self.store = store

@@ -348,7 +348,7 @@ def test_a_hostile_file_in_the_inbox_is_rejected_not_raised(tmp_path: Path) -> N
     store = Store(f"sqlite:///{tmp_path}/hub.db")
     store.create_schema()
     try:
-        inbox = Inbox(tmp_path / "inbox", store, ContentStore(tmp_path / "files"))
+        inbox = Inbox(tmp_path / "inbox", store, ContentStore(tmp_path / "files"), settle=False)
         for name, data in [
             ("date.yaml", b"project: p\ntasks:\n  - id: a\n    input: 2024-13-45\n"),
             (
