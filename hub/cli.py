@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     except IsscError as exc:
         print(f"issc-hub: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the data_dir cannot be made or written: a full disk, say
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"issc-hub: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0

@@ -244,6 +244,9 @@ def show_status(data: Any, ns: argparse.Namespace) -> str:
     if "listen" in data:
         hub += f", nodes connect to {_cell(data['listen'])}"
     rows = [("hub", hub)]
+    if data.get("degraded"):
+        # First, and loud: the hub takes no new work until it recovers by itself.
+        rows.append(("DEGRADED", f"{_cell(data['degraded'])} (recovering by itself)"))
     if "uptime_seconds" in data:
         rows.append(("uptime", _duration(float(data["uptime_seconds"]))))
     rows.append(("projects", _cell(data["projects"])))

@@ -345,6 +345,19 @@ def test_status_human_summary_of_a_minimal_reply(
     assert "tasks     0 total: NA 0  TA 0  A 0  C 0  F 0  X 0" in out
 
 
+def test_status_human_summary_says_when_the_hub_is_degraded(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reply = {"tasks": {"NA": 0}, "nodes": {"connected": 0}, "projects": 0}
+    hub.answer("status", {**reply, "degraded": "database: disk full"})
+    status, out, _ = run(capsys, "--socket", str(hub.path), "status")
+    assert status == 0
+    assert "DEGRADED  database: disk full (recovering by itself)" in out, out
+    hub.answer("status", {**reply, "degraded": None})
+    _, out, _ = run(capsys, "--socket", str(hub.path), "status")
+    assert "DEGRADED" not in out
+
+
 def test_status_human_summary_shows_what_the_hub_sent(
     hub: FakeHub, capsys: pytest.CaptureFixture[str]
 ) -> None:
