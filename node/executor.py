@@ -61,12 +61,18 @@ from node.runs import (
 from node.sandbox import (
     MIB,
     STDERR_TAIL_BYTES,
+    Sandbox,
     build_launch,
+    default_sandbox,
     describe_exit,
+    forget_child,
     fresh_scratch,
     kill_group,
     limit_setter,
+    popen_identity,
     remove_tree,
+    spawning,
+    sweep_orphans,
 )
 
 __all__ = [
@@ -91,15 +97,19 @@ _STDOUT_FILE = ".issc-stdout"
 _STDERR_FILE = ".issc-stderr"
 
 
-def make_executor(mode: str, scratch_root: Path, slots: int) -> Executor:
+def make_executor(
+    mode: str, scratch_root: Path, slots: int, sandbox: Sandbox | None = None
+) -> Executor:
     """The executor for a bundle's execution mode; ``slots`` bounds persistent processes.
+    ``sandbox`` defaults to the node's (``default_sandbox``: bubblewrap where installed).
 
     Raises ExecutionError for an unknown mode.
     """
+    sandbox = sandbox or default_sandbox()
     if mode == "process":
-        return ProcessExecutor(scratch_root)
+        return ProcessExecutor(scratch_root, sandbox)
     if mode == "persistent":
-        return PersistentExecutor(scratch_root, max_processes=slots)
+        return PersistentExecutor(scratch_root, max_processes=slots, sandbox=sandbox)
     raise ExecutionError(f"unknown execution mode {mode!r}")
 
 
@@ -141,6 +151,7 @@ class _Child:
                 kill_group(pid)  # background children die with the run
                 _pid, status, usage = os.wait4(pid, 0)
                 self._reaped = True
+                forget_child(pid)
             outcome = (os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime)
         except OSError:  # ChildProcessError: someone else reaped it; status and rusage are lost
             outcome = (-signal.SIGKILL, 0.0)
@@ -167,10 +178,14 @@ class _Streams:
 
 
 class ProcessExecutor:
-    """Mode ``process``: one fresh, sandboxed process per task."""
+    """Mode ``process``: one fresh, sandboxed process per task.
 
-    def __init__(self, scratch_root: Path) -> None:
+    ``sandbox`` defaults to ``Sandbox()``: rlimits and a scrubbed environment only.
+    """
+
+    def __init__(self, scratch_root: Path, sandbox: Sandbox | None = None) -> None:
         self._scratch_root = scratch_root
+        self._sandbox = sandbox or Sandbox()
         self._runs = RunRegistry()
 
     async def run(self, request: RunRequest) -> RunOutcome:
@@ -215,6 +230,9 @@ class ProcessExecutor:
             if returncode != 0:
                 tail = _tail(streams.stderr, STDERR_TAIL_BYTES)
                 reason = with_stderr(describe_exit(returncode, request.limits), tail)
+                cap = _stream_cap_reached(streams, request.limits)
+                if cap is not None:
+                    reason = f"{cap}; {reason}"
                 return await with_outputs(failure(reason, cpu, wall), scratch, request)
             result, error = await asyncio.to_thread(
                 _collect_result, scratch, streams.stdout, request.limits
@@ -228,13 +246,14 @@ class ProcessExecutor:
             streams.close()
             await asyncio.shield(child.exited)
             await asyncio.to_thread(remove_tree, scratch)
+            await asyncio.to_thread(sweep_orphans)  # setsid'd descendants, without bwrap
 
     async def _prepare(self, scratch: Path, request: RunRequest) -> str | None:
         """Make a fresh scratch dir with the input files in ``in/``; None, or why not."""
 
         def make() -> None:
             self._scratch_root.mkdir(parents=True, exist_ok=True)
-            fresh_scratch(scratch)
+            fresh_scratch(scratch, self._sandbox)
 
         try:
             await asyncio.to_thread(make)
@@ -249,23 +268,31 @@ class ProcessExecutor:
         NUL in an argument) or SubprocessError if the process cannot be made.
         """
         (scratch / INPUT_FILE).write_text(payload, encoding="utf-8")
-        launch = build_launch(request.entrypoint, request.bundle_dir, scratch, request.task_id)
+        launch = build_launch(
+            request.entrypoint, request.bundle_dir, scratch, request.task_id, self._sandbox
+        )
+        who = popen_identity(self._sandbox)
         streams = _Streams(
             stdin=open(scratch / INPUT_FILE, "rb"),  # noqa: SIM115 - closed by _Streams.close
             stdout=open(scratch / _STDOUT_FILE, "w+b"),  # noqa: SIM115
             stderr=open(scratch / _STDERR_FILE, "w+b"),  # noqa: SIM115
         )
         try:
-            popen = subprocess.Popen(
-                launch.argv,
-                stdin=streams.stdin,
-                stdout=streams.stdout,
-                stderr=streams.stderr,
-                cwd=launch.cwd,
-                env=dict(launch.env),
-                start_new_session=True,
-                preexec_fn=limit_setter(request.limits, limit_cpu=True),
-            )
+            with spawning() as register:
+                popen = subprocess.Popen(
+                    launch.argv,
+                    stdin=streams.stdin,
+                    stdout=streams.stdout,
+                    stderr=streams.stderr,
+                    cwd=launch.cwd,
+                    env=dict(launch.env),
+                    start_new_session=True,
+                    user=who.user,
+                    group=who.group,
+                    extra_groups=who.extra_groups,
+                    preexec_fn=limit_setter(request.limits, limit_cpu=True, sandbox=self._sandbox),
+                )
+                register(popen.pid)
         except BaseException:
             streams.close()
             raise
@@ -279,6 +306,14 @@ class ProcessExecutor:
         except TimeoutError:
             run.stop(wall_exceeded(limits))
             return await asyncio.shield(child.exited)
+
+
+def _stream_cap_reached(streams: _Streams, limits: Limits) -> str | None:
+    """Which of stdout/stderr ran into the output_mb cap (RLIMIT_FSIZE), if one did."""
+    for name, stream in (("stdout", streams.stdout), ("stderr", streams.stderr)):
+        if os.fstat(stream.fileno()).st_size >= limits.output_mb * MIB:
+            return f"{name} reached the output_mb limit of {limits.output_mb} MiB"
+    return None
 
 
 def _tail(stream: IO[bytes], size: int) -> bytes:
@@ -303,8 +338,8 @@ def _collect_result(scratch: Path, stdout: IO[bytes], limits: Limits) -> tuple[A
         except ValueError as exc:
             return None, f"{RESULT_FILE} is not valid JSON: {exc}"
     size = os.fstat(stdout.fileno()).st_size
-    if size > limit:
-        return None, f"stdout exceeds the output limit of {limits.output_mb} MiB"
+    if size >= limit:  # RLIMIT_FSIZE stops it at the limit: a program that ignored that
+        return None, f"stdout reached the output_mb limit of {limits.output_mb} MiB"
     raw = os.pread(stdout.fileno(), size, 0)
     try:
         return decode_json(raw), None

@@ -47,13 +47,19 @@ from node.runs import (
 from node.sandbox import (
     MIB,
     STDERR_TAIL_BYTES,
+    Sandbox,
     build_launch,
     describe_exit,
+    forget_child,
     fresh_scratch,
     kill_group,
     limit_setter,
-    process_cpu_seconds,
+    popen_identity,
     remove_tree,
+    spawning,
+    sweep_orphans,
+    task_owner,
+    tree_cpu_seconds,
 )
 from node.taskfiles import reset_task_dirs
 
@@ -102,10 +108,12 @@ class _Worker:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         await self.proc.wait()
+        forget_child(self.proc.pid)
         self._stderr_reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_reader
         await asyncio.to_thread(remove_tree, self.scratch)
+        await asyncio.to_thread(sweep_orphans)  # setsid'd descendants, without bwrap
 
     async def _drain_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -126,11 +134,15 @@ class PersistentExecutor:
     (an older version, typically) is retired to make room.
     """
 
-    def __init__(self, scratch_root: Path, max_processes: int) -> None:
-        """Raises ExecutionError if ``max_processes`` is below 1."""
+    def __init__(
+        self, scratch_root: Path, max_processes: int, sandbox: Sandbox | None = None
+    ) -> None:
+        """Raises ExecutionError if ``max_processes`` is below 1. ``sandbox`` defaults to
+        ``Sandbox()``: rlimits and a scrubbed environment only."""
         if max_processes < 1:
             raise ExecutionError(f"max_processes must be at least 1, not {max_processes}")
         self._scratch_root = scratch_root
+        self._sandbox = sandbox or Sandbox()
         self._max_processes = max_processes
         self._runs = RunRegistry()
         self._workers: list[_Worker] = []
@@ -186,7 +198,9 @@ class PersistentExecutor:
             return failure(run.stop_reason)
         reusable = False
         try:
-            problem = await stage_task_files(worker.scratch, request, reset=True)
+            problem = await stage_task_files(
+                worker.scratch, request, reset=True, owner=task_owner(self._sandbox)
+            )
             if problem is not None:
                 reusable = True  # nothing was sent: the process is as good as before
                 return failure(problem)
@@ -194,7 +208,7 @@ class PersistentExecutor:
             return await with_outputs(outcome, worker.scratch, request)
         finally:
             if reusable:
-                reusable = await _emptied(worker.scratch)
+                reusable = await _emptied(worker.scratch, task_owner(self._sandbox))
             await self._release(worker, reusable)
 
     async def _exchange(
@@ -204,7 +218,7 @@ class PersistentExecutor:
         may take another task."""
         limits = request.limits
         run.attach(worker.kill)
-        cpu_before = process_cpu_seconds(worker.proc.pid)
+        cpu_before = tree_cpu_seconds(worker.proc.pid)
         started = time.monotonic()
         try:
             reply = await asyncio.wait_for(self._send(worker, line), limits.wall_seconds)
@@ -217,7 +231,7 @@ class PersistentExecutor:
         finally:
             run.detach()
         wall = time.monotonic() - started
-        cpu_after = process_cpu_seconds(worker.proc.pid)
+        cpu_after = tree_cpu_seconds(worker.proc.pid)
         cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else 0.0
         if run.stop_reason is not None:
             return failure(run.stop_reason, cpu, wall), False
@@ -305,20 +319,30 @@ class PersistentExecutor:
         """
         scratch = self._scratch_root / f"worker-{next(self._serial)}"
         self._scratch_root.mkdir(parents=True, exist_ok=True)
-        fresh_scratch(scratch)
+        fresh_scratch(scratch, self._sandbox)
         try:
-            launch = build_launch(request.entrypoint, request.bundle_dir, scratch, None)
-            proc = await asyncio.create_subprocess_exec(
-                *launch.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=request.limits.output_mb * MIB,
-                cwd=launch.cwd,
-                env=dict(launch.env),
-                start_new_session=True,
-                preexec_fn=limit_setter(request.limits, limit_cpu=False),
+            launch = build_launch(
+                request.entrypoint, request.bundle_dir, scratch, None, self._sandbox
             )
+            who = popen_identity(self._sandbox)
+            with spawning() as register:
+                proc = await asyncio.create_subprocess_exec(
+                    *launch.argv,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    limit=request.limits.output_mb * MIB,
+                    cwd=launch.cwd,
+                    env=dict(launch.env),
+                    start_new_session=True,
+                    user=who.user,
+                    group=who.group,
+                    extra_groups=who.extra_groups,
+                    preexec_fn=limit_setter(
+                        request.limits, limit_cpu=False, sandbox=self._sandbox
+                    ),
+                )
+                register(proc.pid)
         except BaseException:
             await asyncio.to_thread(remove_tree, scratch)
             raise
@@ -341,11 +365,11 @@ class PersistentExecutor:
             self._changed.notify_all()
 
 
-async def _emptied(scratch: Path) -> bool:
+async def _emptied(scratch: Path, owner: tuple[int, int] | None) -> bool:
     """Empty a worker's ``in/`` and ``out/`` after a task (a 1 GiB input should not stay
     on disk while the process idles); False if that failed and the worker must go."""
     try:
-        await asyncio.to_thread(reset_task_dirs, scratch)
+        await asyncio.to_thread(reset_task_dirs, scratch, owner)
     except OSError:
         return False
     return True

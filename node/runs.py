@@ -111,13 +111,15 @@ def failure(error: str, cpu: float = 0.0, wall: float = 0.0) -> RunOutcome:
     return RunOutcome(ok=False, result=None, error=error, cpu_seconds=cpu, wall_seconds=wall)
 
 
-async def stage_task_files(scratch: Path, request: RunRequest, *, reset: bool) -> str | None:
+async def stage_task_files(
+    scratch: Path, request: RunRequest, *, reset: bool, owner: tuple[int, int] | None = None
+) -> str | None:
     """Copy the request's input files into ``<scratch>/in/`` (emptying ``in/`` and ``out/``
-    first if ``reset``: a persistent worker's previous task left them). Returns None, or
-    why the task cannot run."""
+    first if ``reset``: a persistent worker's previous task left them; made again owned by
+    ``owner``, the task uid of a root node). Returns None, or why the task cannot run."""
     try:
         if reset:
-            await asyncio.to_thread(reset_task_dirs, scratch)
+            await asyncio.to_thread(reset_task_dirs, scratch, owner)
         if request.input_files:
             await asyncio.to_thread(stage_inputs, scratch, request.input_files)
     except (OSError, ValueError) as exc:

@@ -29,21 +29,44 @@ persistent process relies on the executor's wall limit instead).
 
 Every task process leads a new session and process group; the executor kills the whole
 group with SIGKILL when a run ends, so background children die with it. A child that
-starts its own session escapes this; bubblewrap (``--die-with-parent``, a PID namespace)
-will close that gap. ``build_launch`` is the seam where bubblewrap will wrap the argv.
+starts its own session escapes the group kill; what catches it depends on the ``Sandbox``:
+
+* With bubblewrap (``bwrap`` on PATH, found once by ``default_sandbox``), the argv is
+  wrapped: own PID, network, IPC, UTS and cgroup namespaces (and a user namespace when
+  the node is not root), ``--die-with-parent``, ``--new-session``, ``--cap-drop ALL``,
+  a read-only view of the system directories only (``/etc/shadow`` and ``/etc/gshadow``
+  masked), the bundle read-only, the scratch directory read-write, a private ``/tmp``,
+  and nothing of the node's data_dir or of $HOME. Killing bwrap ends the PID namespace
+  and everything in it. For a bare ``python3`` the node's interpreter is bound read-only:
+  its installation (``sys.base_prefix``) and the node's virtualenv, if it has one.
+* Without it, ``default_sandbox`` logs one loud warning, and the node (``issc-node``
+  only, ``enable_orphan_reaping``) becomes a child subreaper: an orphan of a run is
+  reparented to the node, and after each run every process reparented to the node that
+  is not one of its own task processes is killed (``sweep_orphans``).
+
+When the node runs as root, task code runs as ``nobody``/``nogroup`` (65534) with no
+supplementary groups: with bubblewrap through ``setpriv`` inside the sandbox (which also
+clears the bounding set and sets no_new_privs), without it through Popen's user/group.
+The scratch directory is chowned to that uid, and RLIMIT_NPROC (``MAX_PROCESSES``,
+counted per uid: over all runs of the node together) bounds its processes.
+docs/security.md says what this protects and what it does not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import logging
 import math
 import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +79,89 @@ SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 MAX_OPEN_FILES = 256
 _PYTHON_NAMES = frozenset({"python", "python3"})
 _PYTHON_FLAGS = ("-s", "-E", "-B")
+MAX_PROCESSES = 512  # RLIMIT_NPROC of the task uid, when the node runs as root
+NOBODY = (65534, 65534)  # nobody/nogroup on Debian: the uid/gid of task code under root
+# System directories a sandboxed program sees, read-only (those that exist).
+_SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_MASKED_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-")
+REDUCED_ISOLATION_WARNING = (
+    "bubblewrap (bwrap) not found: task code runs without network, filesystem and PID "
+    "isolation; install the 'bubblewrap' package"
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    """How task processes are confined beyond rlimits and a scrubbed environment.
+
+    ``Sandbox()`` (no bubblewrap, the node's own uid) is what the executors use unless
+    told otherwise; the node uses ``default_sandbox()``.
+    """
+
+    bwrap: str | None = None  # path of bwrap; None: no namespaces
+    run_as: tuple[int, int] | None = None  # (uid, gid) of task code; None: the node's own
+    setpriv: str | None = None  # path of setpriv, used inside bwrap to become run_as
+
+
+@functools.cache
+def default_sandbox() -> Sandbox:
+    """The node's sandbox, detected once: bubblewrap if ``bwrap`` is on PATH and works,
+    ``nobody`` as the task uid if the node runs as root. Warns once without bubblewrap."""
+    run_as = NOBODY if os.geteuid() == 0 else None
+    setpriv = shutil.which("setpriv") if run_as is not None else None
+    bwrap = shutil.which("bwrap")
+    if bwrap is not None:
+        candidate = Sandbox(bwrap=bwrap, run_as=run_as, setpriv=setpriv)
+        problem = _probe(candidate)
+        if problem is None:
+            if run_as is not None and setpriv is None:
+                log.warning("setpriv not found: task code runs as root inside bubblewrap")
+            return candidate
+        log.warning("bubblewrap (%s) does not work here (%s)", bwrap, problem)
+    log.warning("!" * 20 + " %s " + "!" * 20, REDUCED_ISOLATION_WARNING)
+    return Sandbox(run_as=run_as)
+
+
+def sandbox_for(setting: str) -> Sandbox:
+    """The sandbox for the node config's ``sandbox`` key: auto, bubblewrap or none.
+
+    Raises ExecutionError for ``bubblewrap`` where it is not usable, or an unknown setting.
+    """
+    if setting == "none":
+        _warn_unsandboxed()
+        return Sandbox()
+    sandbox = default_sandbox()
+    if setting == "auto":
+        return sandbox
+    if setting == "bubblewrap":
+        if sandbox.bwrap is None:
+            raise ExecutionError("sandbox: bubblewrap, but bwrap is not installed or not usable")
+        return sandbox
+    raise ExecutionError(f"unknown sandbox setting {setting!r}")
+
+
+@functools.cache
+def _warn_unsandboxed() -> None:
+    log.warning("sandbox: none: task code runs as this node's user, without isolation")
+
+
+def _probe(sandbox: Sandbox) -> str | None:
+    """None if bwrap can start a program with the options of a run; else why not."""
+    import tempfile
+
+    here = Path(tempfile.mkdtemp(prefix="issc-bwrap-probe-"))
+    try:
+        argv = bwrap_argv(sandbox, ("/bin/true",), {}, here, here)
+        done = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    finally:
+        remove_tree(here)
+    if done.returncode != 0:
+        return done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +174,112 @@ class Launch:
 
 
 def build_launch(
-    entrypoint: Sequence[str], bundle_dir: Path, scratch: Path, task_id: str | None
+    entrypoint: Sequence[str],
+    bundle_dir: Path,
+    scratch: Path,
+    task_id: str | None,
+    sandbox: Sandbox | None = None,
 ) -> Launch:
     """Build the argv, environment and cwd of a task process.
 
     Raises ExecutionError if the entrypoint is empty or its program cannot be found.
     """
-    return Launch(
-        argv=resolve_argv(entrypoint, bundle_dir),
-        env=scrubbed_env(scratch, bundle_dir, task_id),
-        cwd=scratch,
-    )
+    sandbox = sandbox or Sandbox()
+    env = scrubbed_env(scratch, bundle_dir, task_id)
+    argv = resolve_argv(entrypoint, bundle_dir)
+    if sandbox.bwrap is not None:
+        return Launch(argv=bwrap_argv(sandbox, argv, env, bundle_dir, scratch), env={}, cwd=scratch)
+    return Launch(argv=argv, env=env, cwd=scratch)
+
+
+def bwrap_argv(
+    sandbox: Sandbox, argv: Sequence[str], env: Mapping[str, str], bundle_dir: Path, scratch: Path
+) -> tuple[str, ...]:
+    """``argv`` wrapped in bubblewrap, by the rules in the module docstring."""
+    assert sandbox.bwrap is not None
+    as_root = os.geteuid() == 0
+    drop = as_root and sandbox.run_as is not None and sandbox.setpriv is not None
+    out: list[str] = [sandbox.bwrap]
+    if as_root:
+        # No user namespace: setpriv must switch to a real unprivileged uid, not a mapped one.
+        out += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts"]
+        out += ["--unshare-cgroup-try"]
+    else:
+        out += ["--unshare-all"]
+    # --as-pid-1: no bwrap init in between, so the program's rusage reaches the node
+    # (bwrap's monitor reaps it); when it ends, the namespace and all in it go too.
+    out += ["--as-pid-1", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    if drop:  # setpriv needs these for a moment; it clears them all before the exec
+        for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+            out += ["--cap-add", cap]
+    bound: list[str] = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            out += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            out += ["--ro-bind", path, path]
+            bound.append(path)
+    for secret in _MASKED_FILES:
+        if os.path.isfile(secret):
+            out += ["--ro-bind", "/dev/null", secret]
+    out += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    bound.append("/tmp")
+    extra = [(str(bundle_dir.resolve()), "--ro-bind")]
+    extra += [(path, "--ro-bind") for path in _program_paths(argv)]
+    extra.append((str(scratch.resolve()), "--bind"))
+    for source, how in extra:
+        visible = any(_under(source, done) for done in bound)
+        if visible and how == "--ro-bind" and not _under(source, "/tmp"):
+            continue  # already visible, read-only
+        out += _parents(source, bound)
+        out += [how, source, source]
+        bound.append(source)
+    out += ["--chdir", str(scratch.resolve()), "--clearenv"]
+    for key, value in env.items():
+        out += ["--setenv", key, value]
+    if drop:
+        assert sandbox.run_as is not None and sandbox.setpriv is not None
+        uid, gid = sandbox.run_as
+        out += [sandbox.setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        out += ["--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
+    else:
+        out.append("--")
+    return (*out, *argv)
+
+
+def _program_paths(argv: Sequence[str]) -> list[str]:
+    """What must be visible for ``argv[0]`` to run: the node's interpreter (its
+    installation prefix and the node's virtualenv, if any), or the program file itself;
+    those in a system directory are visible anyway."""
+    if argv[0] == sys.executable:
+        paths = [os.path.realpath(sys.base_prefix)]
+        program = os.path.realpath(sys.executable)
+        if not _under(program, paths[0]):
+            paths.append(os.path.dirname(program))
+        if sys.prefix != sys.base_prefix:  # a virtualenv: its pyvenv.cfg and packages
+            paths.append(os.path.abspath(sys.prefix))
+        return paths
+    return [os.path.realpath(argv[0])]
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _parents(path: str, bound: list[str]) -> list[str]:
+    """``--dir`` options (mode 0755) for the ancestors of ``path`` that are not visible
+    yet: bwrap makes missing ones mode 0700, which an unprivileged task cannot cross."""
+    out: list[str] = []
+    parts = Path(path).parts[1:-1]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        if any(_under(current, done) and done != "/tmp" for done in bound):
+            continue
+        if current == "/tmp":
+            continue
+        out += ["--perms", "0755", "--dir", current]
+    return out
 
 
 def resolve_argv(entrypoint: Sequence[str], bundle_dir: Path) -> tuple[str, ...]:
@@ -130,7 +331,48 @@ def scrubbed_env(scratch: Path, bundle_dir: Path, task_id: str | None) -> dict[s
     return env
 
 
-def limit_setter(limits: Limits, *, limit_cpu: bool) -> Callable[[], None]:
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Popen's ``user``, ``group`` and ``extra_groups`` for a task process."""
+
+    user: int | None = None
+    group: int | None = None
+    extra_groups: list[int] | None = None
+
+
+def popen_identity(sandbox: Sandbox) -> Identity:
+    """Who Popen makes the task process: the task uid when the node is root and
+    bubblewrap does not switch uid itself (see ``bwrap_argv``); else the node's own."""
+    owner = task_owner(sandbox)
+    if owner is None or (sandbox.bwrap is not None and sandbox.setpriv is not None):
+        return Identity()
+    return Identity(user=owner[0], group=owner[1], extra_groups=[])
+
+
+def task_owner(sandbox: Sandbox) -> tuple[int, int] | None:
+    """(uid, gid) that must own what task code writes to, or None: the node's own."""
+    return sandbox.run_as if sandbox.run_as is not None and os.geteuid() == 0 else None
+
+
+def give_to_task(scratch: Path, sandbox: Sandbox, *names: str) -> None:
+    """chown the scratch dir (or its entries ``names``) to the task uid, if there is one.
+
+    Raises OSError if that fails.
+    """
+    owner = task_owner(sandbox)
+    if owner is None:
+        return
+    uid, gid = owner
+    for path in [scratch / name for name in names] if names else [scratch]:
+        os.chown(path, uid, gid)
+    if "." in names:
+        # bwrap, still root but without capabilities, must be able to chdir into it.
+        os.chmod(scratch, 0o711)
+
+
+def limit_setter(
+    limits: Limits, *, limit_cpu: bool, sandbox: Sandbox | None = None
+) -> Callable[[], None]:
     """A function for Popen's ``preexec_fn`` that lowers the child's rlimits.
 
     It never raises: a limit the system refuses is skipped, because an exception there
@@ -144,6 +386,10 @@ def limit_setter(limits: Limits, *, limit_cpu: bool) -> Callable[[], None]:
     ]
     if limit_cpu:
         wanted.append((resource.RLIMIT_CPU, math.ceil(limits.wall_seconds) + 1))
+    if sandbox is not None and sandbox.run_as is not None and os.geteuid() == 0:
+        # Counted per uid: only meaningful for a uid of its own (the node's user has its
+        # desktop session on it, and root is exempt anyway).
+        wanted.append((resource.RLIMIT_NPROC, MAX_PROCESSES))
 
     parent = os.getpid()
     libc = _libc()
@@ -192,6 +438,120 @@ def _lower_rlimit(which: int, value: int) -> None:
         pass  # skipped on purpose: see limit_setter
 
 
+# ------------------------------------------------------------ orphans without bwrap
+
+PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
+_reaping = False
+_own_children: set[int] = set()
+_spawning = 0
+_sweep_lock = threading.Lock()
+
+
+def enable_orphan_reaping() -> bool:
+    """Make this process a child subreaper, so that orphans of its runs are reparented
+    to it and ``sweep_orphans`` can kill them. Only for the node process itself: every
+    child of this process not registered with ``spawning`` is fair game afterwards.
+    False where the kernel does not offer it."""
+    global _reaping
+    libc = _libc()
+    if libc is None or libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return False
+    _reaping = True
+    return True
+
+
+@contextlib.contextmanager
+def spawning() -> Iterator[Callable[[int], None]]:
+    """Around the start of a task process: yields a function to register its pid.
+
+    Sweeps do not kill while a start is under way, nor any registered pid.
+    """
+    global _spawning
+    _spawning += 1
+    try:
+        yield _own_children.add
+    finally:
+        _spawning -= 1
+
+
+def forget_child(pid: int) -> None:
+    """A registered task process was reaped."""
+    _own_children.discard(pid)
+
+
+def sweep_orphans() -> int:
+    """Kill and reap the processes reparented to this (subreaper) node that are not its
+    own task processes; returns how many. A no-op unless ``enable_orphan_reaping`` ran.
+    Blocking (it reaps): call it from a worker thread."""
+    if not _reaping:
+        return 0
+    me = os.getpid()
+    candidates = [pid for pid in _children_of(me) if pid not in _own_children]
+    killed: list[int] = []
+    with _sweep_lock:
+        for pid in candidates:
+            if _spawning or pid in _own_children:
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    for pid in killed:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
+    return len(killed)
+
+
+def _children_of(parent: int) -> list[int]:
+    """Pids whose parent is ``parent``, from /proc."""
+    found: list[int] = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and fields[1] == str(parent).encode():
+            found.append(int(name))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of a live process and its live descendants (a task under bwrap runs two
+    levels below the process the executor started). None if ``pid`` is gone."""
+    total = process_cpu_seconds(pid)
+    if total is None:
+        return None
+    pending = _direct_children(pid)
+    seen = {pid}
+    while pending:
+        child = pending.pop()
+        if child in seen:
+            continue
+        seen.add(child)
+        total += process_cpu_seconds(child) or 0.0
+        pending.extend(_direct_children(child))
+    return total
+
+
+def _direct_children(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tasks:
+        with contextlib.suppress(OSError, ValueError):
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+            found.extend(int(word) for word in text.split())
+    return found
+
+
 def kill_group(pid: int) -> None:
     """SIGKILL the process group that ``pid`` leads, and ``pid`` itself.
 
@@ -204,9 +564,9 @@ def kill_group(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def fresh_scratch(path: Path) -> None:
+def fresh_scratch(path: Path, sandbox: Sandbox | None = None) -> None:
     """Create an empty scratch directory with ``tmp/``, ``in/`` and ``out/``, replacing
-    leftovers.
+    leftovers, owned by the sandbox's task uid if it has one.
 
     Raises OSError if the directory cannot be created.
     """
@@ -215,6 +575,8 @@ def fresh_scratch(path: Path) -> None:
     (path / "tmp").mkdir(mode=0o700)
     (path / "in").mkdir(mode=0o700)
     (path / "out").mkdir(mode=0o700)
+    if sandbox is not None:
+        give_to_task(path, sandbox, ".", "tmp", "in", "out")
 
 
 def remove_tree(path: Path) -> None:

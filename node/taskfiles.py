@@ -65,14 +65,17 @@ def stage_inputs(scratch: Path, inputs: Mapping[str, Path]) -> None:
     target.chmod(0o555)
 
 
-def reset_task_dirs(scratch: Path) -> None:
-    """Empty ``in/`` and ``out/`` of a scratch directory (between two tasks of one worker).
+def reset_task_dirs(scratch: Path, owner: tuple[int, int] | None = None) -> None:
+    """Empty ``in/`` and ``out/`` of a scratch directory (between two tasks of one worker),
+    owned by ``owner`` (uid, gid: the task uid of a root node) if given.
 
     Raises OSError if they cannot be made again.
     """
     for name in (IN_DIR, OUT_DIR):
         remove_tree(scratch / name)
         (scratch / name).mkdir(mode=0o700)
+        if owner is not None:
+            os.chown(scratch / name, *owner)
 
 
 def collect_outputs(scratch: Path, dest: Path, output_mb: int) -> tuple[OutputFile, ...]:

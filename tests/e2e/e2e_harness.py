@@ -517,6 +517,10 @@ class Node(Proc):
             "projects": list(projects if projects is not None else trusted_keys),
             "trusted_keys": dict(trusted_keys),
             "slots": slots,
+            # The gate program talks to its test through files outside its scratch dir
+            # and reports its pid: it needs the node unsandboxed. Tests of real projects
+            # pass sandbox="auto" (bubblewrap where installed, as a volunteer's node).
+            "sandbox": "none",
             **extra,
         }
 

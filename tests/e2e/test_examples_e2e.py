@@ -30,7 +30,9 @@ def test_primes_on_two_nodes_every_task_once(
     hub = cluster.hub()
     hub.ingest(primes_bundle)
     keys = {"primes": owner_key.public}
-    nodes = [cluster.node(hub, f"node{i}", trusted_keys=keys, slots=2) for i in (1, 2)]
+    nodes = [
+        cluster.node(hub, f"node{i}", trusted_keys=keys, slots=2, sandbox="auto") for i in (1, 2)
+    ]
     node_ids = {node.wait_joined(hub) for node in nodes}
     assert len(node_ids) == 2
 
@@ -81,7 +83,7 @@ def test_mandelbrot_persistent_mode_picture(
 ) -> None:
     hub = cluster.hub()
     hub.ingest(mandelbrot_bundle)
-    node = cluster.node(hub, trusted_keys={"mandelbrot": owner_key.public}, slots=2)
+    node = cluster.node(hub, trusted_keys={"mandelbrot": owner_key.public}, slots=2, sandbox="auto")
     node.wait_joined(hub)
 
     tasks_file = tmp_path / "tiles.yaml"

@@ -98,7 +98,9 @@ def test_wordfreq_on_two_nodes_outbox_files_match_and_merge(
     hub = cluster.hub()
     hub.ingest(pack(EXAMPLES / "wordfreq", owner_key, tmp_path / "wordfreq-1.issc"))
     keys = {"wordfreq": owner_key.public}
-    nodes = [cluster.node(hub, f"node{i}", trusted_keys=keys, slots=2) for i in (1, 2)]
+    nodes = [
+        cluster.node(hub, f"node{i}", trusted_keys=keys, slots=2, sandbox="auto") for i in (1, 2)
+    ]
     node_ids = {node.wait_joined(hub) for node in nodes}
     hub.submit(task_file)
     results = hub.wait_results("wordfreq", len(ids))
@@ -170,7 +172,9 @@ def test_shared_input_crosses_the_wire_once_per_node(
     hub = cluster.hub()
     hub.ingest(bundle)
     keys = {"shared": owner_key.public}
-    nodes = [cluster.node(hub, f"node{i}", trusted_keys=keys, slots=2) for i in (1, 2)]
+    nodes = [
+        cluster.node(hub, f"node{i}", trusted_keys=keys, slots=2, sandbox="auto") for i in (1, 2)
+    ]
     node_ids = {node.wait_joined(hub) for node in nodes}
     hub.submit(task_file)
     results = hub.wait_results("shared", SHARED_TASKS)
@@ -233,7 +237,9 @@ def test_hub_killed_during_upload_resumes_and_lands_once(
     # lease restored at the restart outlives the node's reconnect back-off.
     hub = cluster.hub(port=free_port(), heartbeat_misses=20)
     hub.ingest(bundle)
-    node = cluster.node(hub, "node1", trusted_keys={"big": owner_key.public}, slots=1)
+    node = cluster.node(
+        hub, "node1", trusted_keys={"big": owner_key.public}, slots=1, sandbox="auto"
+    )
     node.wait_joined(hub)
     task_file = write_file_tasks(
         tmp_path / "big.jsonl", "big", [{"id": "b-1", "input": {"size": BIG_SIZE}}]
@@ -309,7 +315,9 @@ def test_output_over_the_cap_fails_naming_the_limit(
     )
     hub = cluster.hub()
     hub.ingest(bundle)
-    node = cluster.node(hub, "node1", trusted_keys={"cap": owner_key.public}, slots=2)
+    node = cluster.node(
+        hub, "node1", trusted_keys={"cap": owner_key.public}, slots=2, sandbox="auto"
+    )
     node.wait_joined(hub)
     tasks = [
         # Two files, each under the per-file size limit, 2 MB together: over output_mb.
@@ -381,7 +389,9 @@ def test_tampered_input_never_runs(cluster: Cluster, owner_key: OwnerKey, tmp_pa
     stored.write_bytes(bytes(content))
     stored.chmod(0o444)
 
-    node = cluster.node(hub, "node1", trusted_keys={"tamper": owner_key.public}, slots=1)
+    node = cluster.node(
+        hub, "node1", trusted_keys={"tamper": owner_key.public}, slots=1, sandbox="auto"
+    )
     [result] = hub.wait_results("tamper", 1)
     assert result["state"] == "F" and result["attempts"] == 2
     assert "input file data" in result["error"] and "(twice)" in result["error"], result["error"]

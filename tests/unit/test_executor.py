@@ -22,6 +22,7 @@ from node.executor import (
     RunRequest,
     make_executor,
 )
+from node.sandbox import Sandbox
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -581,7 +582,8 @@ async def test_persistent_newer_bundle_retires_idle_processes_of_the_old_one(
 
 async def test_persistent_close_ends_every_process(tmp_path: Path, scratch_root: Path) -> None:
     bundle = make_bundle(tmp_path, WORKER)
-    executor = make_executor("persistent", scratch_root, slots=2)
+    # Sandbox(): the pid the worker reports must be the node's view of it (no PID namespace).
+    executor = make_executor("persistent", scratch_root, slots=2, sandbox=Sandbox())
     result = await run_ok(executor, bundle, "pid", 1)
     await executor.close()
     assert await wait_dead(result["pid"])
