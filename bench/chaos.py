@@ -18,8 +18,14 @@ first half of the run, so ingestion happens under faults too.
 Faults (``--faults``, default all), at times drawn from ``--seed``:
 
   hub_kill         kill -9 of the hub, restarted on the same port and data_dir
-  hub_kill_commit  the same, right after a node spooled and sent a result the hub has
-                   not acknowledged yet: the hub is receiving or committing it
+  hub_kill_commit  kill -9 of the hub, restarted with a failpoint (hub/faults.py,
+                   ISSC_HUB_FAULTS) that SIGKILLs it inside its K-th group commit, after
+                   the batch's statements and before the commit; then restarted again
+  hub_kill_unacked the same at runtime.after_commit: a batch committed, none of its
+                   messages (result acks, offers, cancels) sent
+  hub_kill_export  the same at outbox.after_fsync: result lines appended and fsynced,
+                   their length not recorded in the store
+  hub_kill_upload  the same at upload.after_fsync: an output chunk durable, not acknowledged
   node_kill        kill -9 of a node and its task processes; restarted on its data_dir
   node_gone        kill -9 of a node, never restarted; a fresh node takes its place
   node_stop        SIGSTOP of a node and its tasks for longer than the lease window,
@@ -28,7 +34,12 @@ Faults (``--faults``, default all), at times drawn from ``--seed``:
   bundle_cut       a new version of a project's bundle; the first download of it that
                    crosses the proxy is cut half way (the node must resume it)
   disk_full        the hub's filesystem filled to the last byte for a few seconds, then
-                   freed (needs root and tmpfs; skipped with the reason otherwise)
+                   freed (needs root and tmpfs; skipped with the reason otherwise); a
+                   hub killed meanwhile is restarted on the full disk, as a supervisor
+                   would, and each start that fails is counted
+
+The hub kinds after hub_kill confirm each kill from the hub's log (one CRITICAL line per
+failpoint kill) and count them by point: "kills inside a commit" is hub_kill_commit's.
 
 After ``--duration`` seconds no new fault starts, every fault in progress is undone
 (SIGCONT, disk freed, hub and nodes restarted), and the run drains: it waits until
@@ -76,6 +87,9 @@ MIB = 1024 * 1024
 KINDS = (
     "hub_kill",
     "hub_kill_commit",
+    "hub_kill_unacked",
+    "hub_kill_export",
+    "hub_kill_upload",
     "node_kill",
     "node_gone",
     "node_stop",
@@ -88,7 +102,30 @@ HEARTBEAT_MISSES = 3
 LEASE_WINDOW = HEARTBEAT_INTERVAL * HEARTBEAT_MISSES
 OFFER_TIMEOUT = 5.0
 MAX_ATTEMPTS = 10
+# Faults the hub injects itself (hub/faults.py): the kind, the failpoint its restarted hub
+# is armed with, and the range K is drawn from (kill@K: the K-th time the point is
+# reached after the restart; small, so that it fires within seconds).
+FAILPOINTS = {
+    "hub_kill_commit": ("store.before_commit", (2, 25)),
+    "hub_kill_unacked": ("runtime.after_commit", (2, 25)),
+    "hub_kill_export": ("outbox.after_fsync", (1, 4)),
+    "hub_kill_upload": ("upload.after_fsync", (1, 3)),
+}
+# Beyond the one of each kind, faults are drawn with these weights (1 if not named): each
+# failpoint fault kills the hub twice (from outside, then at its failpoint), so the kinds
+# that kill the hub weigh about as much together as one other, or the hub would be down
+# most of the run; most of their weight is on the kill inside a commit.
+WEIGHTS = {
+    "hub_kill": 0.3,
+    "hub_kill_commit": 0.5,
+    "hub_kill_unacked": 0.15,
+    "hub_kill_export": 0.15,
+    "hub_kill_upload": 0.15,
+}
+FAILPOINT_WAIT = 20.0  # seconds an armed hub that is up may take to reach its failpoint
 POSTPONE_LIMIT = 15.0  # seconds a fault may wait for its target (a hub that is up, a node)
+# Faults that kill the hub wait for each other (one failpoint armed at a time): longer.
+HUB_POSTPONE_LIMIT = 30.0
 TICK = 0.05  # the main loop's longest sleep
 PROJECTS = ("chaosp", "chaosf")
 # Outcomes of a lease that must never be the one whose result a task kept: the lease
@@ -185,15 +222,18 @@ class Proc:
         self.popen: subprocess.Popen[bytes] | None = None
         self.stopped_pids: list[int] = []
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start it; ``env``: variables to add to this one start's environment."""
         with open(self.log, "ab") as log:
-            log.write(f"==== chaos: start {self.name} at {time.time():.3f}\n".encode())
+            extra = "".join(f" {k}={v}" for k, v in (env or {}).items())
+            log.write(f"==== chaos: start {self.name} at {time.time():.3f}{extra}\n".encode())
             log.flush()
             self.popen = subprocess.Popen(
                 [str(BIN / self.program), "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
             )
 
     @property
@@ -332,20 +372,21 @@ class Action:
 
 # Kinds that need work flowing (results in flight, tasks waiting for a node) are planned
 # in the first part of the fault period, while the task files still feed the queue.
-NEED_WORK = {"hub_kill_commit", "bundle_cut"}
+NEED_WORK = {*FAILPOINTS, "bundle_cut"}
 
 
 def plan_faults(
     kinds: list[str], count: int, start: float, end: float, seed: int
 ) -> list[FaultCtx]:
-    """Every kind at least once (if ``count`` allows), the rest drawn at random; times
-    uniform in [start, end] ([start, 0.6 end] for NEED_WORK kinds). The same seed gives
-    the same plan."""
+    """Every kind at least once (if ``count`` allows), the rest drawn at random (WEIGHTS);
+    times uniform in [start, end] ([start, 0.6 end] for NEED_WORK kinds). The same seed
+    gives the same plan."""
     rng = random.Random(f"plan-{seed}")
     sequence = list(kinds)
     rng.shuffle(sequence)
+    weights = [WEIGHTS.get(kind, 1.0) for kind in kinds]
     while len(sequence) < count:
-        sequence.append(rng.choice(kinds))
+        sequence.append(rng.choices(kinds, weights)[0])
     sequence = sequence[:count]
     timed = sorted(
         (rng.uniform(start, max(start, end * 0.6) if kind in NEED_WORK else end), kind)
@@ -452,6 +493,7 @@ class Chaos:
         self.anomalies: list[str] = []
         self.hub_deaths: list[str] = []  # exits nobody asked for
         self.hub_start_failures = 0
+        self.start_failure_reasons: Counter[str] = Counter()
         self.hub_restarts = 0
         self.node_deaths: list[str] = []
         self.submit_retries = 0
@@ -461,6 +503,16 @@ class Chaos:
         self.hub_data = work / "hub-data"
         self.hub: Proc | None = None
         self.hub_state = "down"  # up, starting, down (by us: restart pending), dead
+        self.hub_serial = 0  # hub starts so far
+        # A failpoint fault whose armed hub has not killed itself yet, and the spec every
+        # hub start gets meanwhile (ISSC_HUB_FAULTS).
+        self.armed: FaultCtx | None = None
+        self.hub_faults: str | None = None
+        self.failpoint_kills: Counter[str] = Counter()  # by point, confirmed from the log
+        self.failpoint_record: list[dict[str, Any]] = []
+        self.outages_seen: list[int] = []  # per hub start: the most `outages` status showed
+        self.degraded_seen = 0  # status polls that found the hub degraded
+        self.next_status = 0.0
         self.hub_port = 0
         self.proxy: ChaosProxy | None = None
         self.nodes: list[NodeSlot] = []
@@ -652,10 +704,10 @@ class Chaos:
             time.sleep(0.05)
         raise BenchError(f"no {what} after {timeout:g} s ({last or 'no error'})")
 
-    def control(self, command: str, **args: Any) -> Any:
+    def control(self, command: str, timeout: float = 5, **args: Any) -> Any:
         from hub.ctl import request
 
-        return request(self.hub_data / "control.sock", command, args, timeout=5)
+        return request(self.hub_data / "control.sock", command, args, timeout=timeout)
 
     def ctl_json(self, *argv: str) -> Any:
         """``issc-ctl --json ...``, the admin's interface, for the final checks."""
@@ -672,15 +724,27 @@ class Chaos:
     def start_hub(self) -> None:
         assert self.hub is not None
         (self.hub_data / "hub.addr").unlink(missing_ok=True)
-        self.hub.start()
+        self.hub.start({"ISSC_HUB_FAULTS": self.hub_faults} if self.hub_faults else None)
         self.hub_state = "starting"
+        self.hub_serial += 1
+        self.outages_seen.append(0)
+        serial = self.hub_serial
         started = time.monotonic()
 
         def ready() -> float | None:
             assert self.hub is not None
+            if serial != self.hub_serial or self.hub_state != "starting":
+                return None  # killed at its failpoint while starting: restarted already
             if not self.hub.alive:
+                if self.check_failpoint():
+                    return None
                 self.hub_start_failures += 1
                 why = self.hub.tail(3).replace("\n", " | ")
+                said = [line for line in self.hub.tail(6).splitlines() if "error:" in line]
+                reason = said[-1][:200] if said else self.hub.tail(1)[:200]
+                self.start_failure_reasons[
+                    f"{reason} ({'disk full' if self.disk_full else 'disk not full'})"
+                ] += 1
                 self.say(f"hub exited while starting (status {self.hub.popen.returncode}): {why}")  # type: ignore[union-attr]
                 self.hub_state = "dead"
                 self.schedule(self.now() + 1.0, self.restart_hub_when_possible, "hub restart", True)
@@ -701,10 +765,10 @@ class Chaos:
         self.schedule(self.now(), ready, "hub ready?", True)
 
     def restart_hub_when_possible(self) -> float | None:
+        """Start the hub again, as a supervisor would: also on a full disk, where a start
+        that fails is counted and tried again a second later (``ready``)."""
         if self.hub_state in ("up", "starting"):
             return None
-        if self.disk_full:
-            return self.now() + 0.2  # the disk_full fault restarts it when it frees the disk
         self.hub_restarts += 1
         self.start_hub()
         return None
@@ -712,6 +776,8 @@ class Chaos:
     def check_hub(self) -> None:
         """A hub that exited without being killed by us: record why, restart it."""
         assert self.hub is not None
+        if self.check_failpoint():
+            return
         if self.hub_state != "up" or self.hub.alive:
             return
         status = self.hub.popen.returncode if self.hub.popen else None
@@ -727,6 +793,80 @@ class Chaos:
         self.say(record)
         self.hub_state = "dead"
         self.schedule(self.now() + 0.5, self.restart_hub_when_possible, "hub restart", True)
+
+    def hub_log_size(self) -> int:
+        try:
+            return (self.work / "hub.log").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def failpoint_lines(self, offset: int = 0) -> list[str]:
+        """The hub's CRITICAL lines of failpoint kills (hub/faults.py), from ``offset``."""
+        try:
+            with open(self.work / "hub.log", "rb") as log:
+                log.seek(offset)
+                text = log.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        return [
+            line
+            for line in text.splitlines()
+            if " CRITICAL hub.faults: failpoint " in line and "killing the process" in line
+        ]
+
+    def check_failpoint(self) -> bool:
+        """True if the hub exited because its armed failpoint fired: SIGKILLed, and its log
+        says so in one CRITICAL line; the fault is then done and a clean hub restarts."""
+        ctx = self.armed
+        if ctx is None or self.hub is None or self.hub.popen is None or self.hub.alive:
+            return False
+        point = ctx.data["point"]
+        lines = [
+            line
+            for line in self.failpoint_lines(ctx.data["log_offset"])
+            if f"failpoint {point} reached" in line
+        ]
+        if not lines or self.hub.popen.returncode != -signal.SIGKILL:
+            return False  # it died of something else: check_hub or ready() see to it
+        self.failpoint_kills[point] += 1
+        self.armed = None
+        self.hub_faults = None
+        ctx.data["done"] = True
+        self.hub_state = "down"
+        up_at = ctx.data.get("up_at")
+        after = (
+            f"{self.now() - up_at:.2f} s after the armed hub was up"
+            if up_at is not None
+            else "while the armed hub was starting"
+        )
+        self.failpoint_record.append(
+            {
+                "kind": ctx.kind,
+                "point": point,
+                "k": ctx.data["k"],
+                "seconds_up": round(self.now() - up_at, 2) if up_at is not None else None,
+                "unacknowledged_at_first_kill": ctx.data["in_flight"],
+            }
+        )
+        delay = ctx.rng.uniform(0.3, 2.0)
+        self.fire(
+            ctx,
+            f"the hub killed itself at {point} (kill@{ctx.data['k']}), {after}; "
+            f"restart in {delay:.1f} s",
+        )
+        self.schedule(self.now() + delay, self.restart_hub_when_possible, "hub restart", True)
+        return True
+
+    def poll_status(self) -> None:
+        """Once a second: the hub's `outages` (since its start) and whether it is degraded."""
+        if self.hub_state != "up" or self.now() < self.next_status:
+            return
+        self.next_status = self.now() + 1.0
+        with contextlib.suppress(Exception):
+            status = self.control("status", timeout=1)
+            self.outages_seen[-1] = max(self.outages_seen[-1], int(status.get("outages") or 0))
+            if status.get("degraded"):
+                self.degraded_seen += 1
 
     # ---- nodes ------------------------------------------------------------------------------
 
@@ -782,18 +922,22 @@ class Chaos:
         self.say(f"FAULT {ctx.index} {ctx.kind}: {detail}")
 
     def postpone(self, ctx: FaultCtx, reason: str) -> float | None:
-        if self.now() - ctx.planned_at > POSTPONE_LIMIT:
+        limit = HUB_POSTPONE_LIMIT if ctx.kind in {"hub_kill", *FAILPOINTS} else POSTPONE_LIMIT
+        if self.now() - ctx.planned_at > limit:
             self.not_fired[ctx.kind].append(reason)
             self.say(f"fault {ctx.index} {ctx.kind} not fired: {reason}")
             return None
         return self.now() + 0.1
 
     def fault_action(self, ctx: FaultCtx) -> Callable[[], float | None]:
-        handler: Callable[[FaultCtx], float | None] = getattr(self, f"f_{ctx.kind}")
+        name = "f_failpoint" if ctx.kind in FAILPOINTS else f"f_{ctx.kind}"
+        handler: Callable[[FaultCtx], float | None] = getattr(self, name)
         return lambda: handler(ctx)
 
     def f_hub_kill(self, ctx: FaultCtx) -> float | None:
         assert self.hub is not None
+        if self.armed is not None:
+            return self.postpone(ctx, f"a failpoint is armed ({self.armed.kind})")
         if self.hub_state != "up":
             return self.postpone(ctx, f"the hub is {self.hub_state}")
         in_flight = sum(s.spooled()[0] for s in self.live_nodes())
@@ -806,35 +950,70 @@ class Chaos:
         self.schedule(self.now() + delay, self.restart_hub_when_possible, "hub restart", True)
         return None
 
-    def f_hub_kill_commit(self, ctx: FaultCtx) -> float | None:
-        """Kill the hub right after a node spooled (and so sent) a result the hub has not
-        acknowledged: it is reading it or committing the batch that holds it."""
+    def f_failpoint(self, ctx: FaultCtx) -> float | None:
+        """kill -9 of the hub, restarted with ISSC_HUB_FAULTS=POINT=kill@K: the restarted hub
+        SIGKILLs itself the K-th time it reaches POINT (hub/faults.py), which the hub's log
+        confirms (check_failpoint); then a hub without failpoints is started."""
         assert self.hub is not None
-        if self.hub_state != "up":
-            return self.postpone(ctx, f"the hub is {self.hub_state}")
+        point, (low, high) = FAILPOINTS[ctx.kind]
         if ctx.step == 0:
-            ctx.step, ctx.data["since"] = 1, time.time()
-        count, newest = 0, 0.0
-        for slot in self.live_nodes():
-            n, t = slot.spooled()
-            count, newest = count + n, max(newest, t)
-        fresh = count > 0 and time.time() - newest < 0.05
-        waited = time.time() - ctx.data["since"]
-        if not fresh and waited < 8:
-            return self.now() + 0.005
-        self.hub.kill9()
-        self.hub_state = "down"
-        delay = ctx.rng.uniform(0.3, 2.5)
-        if fresh:
-            note = (
-                f"{count} results unacknowledged, newest sent {time.time() - newest:.3f} s before"
+            if self.armed is not None:
+                return self.postpone(ctx, f"another failpoint is armed ({self.armed.kind})")
+            if self.hub_state != "up":
+                return self.postpone(ctx, f"the hub is {self.hub_state}")
+            if point == "upload.after_fsync" and not self.waiting_in("chaosf"):
+                return self.postpone(ctx, "no chaosf task waiting: nothing would upload")
+            k = ctx.rng.randint(low, high)
+            in_flight = sum(s.spooled()[0] for s in self.live_nodes())
+            ctx.data.update(
+                point=point,
+                k=k,
+                in_flight=in_flight,
+                log_offset=self.hub_log_size(),
+                armed_at=self.now(),
             )
-        else:
-            note = "no result in flight within 8 s: killed anyway"
-            self.fault_notes[ctx.kind].append(note)
-        self.fire(ctx, f"kill -9 hub mid-commit ({note}); restart in {delay:.1f} s")
-        self.schedule(self.now() + delay, self.restart_hub_when_possible, "hub restart", True)
+            self.hub.kill9()
+            self.hub_state = "down"
+            self.armed = ctx
+            self.hub_faults = f"{point}=kill@{k}"
+            delay = ctx.rng.uniform(0.2, 1.0)
+            self.say(
+                f"fault {ctx.index} {ctx.kind}: kill -9 hub ({in_flight} results "
+                f"unacknowledged); restart in {delay:.1f} s with ISSC_HUB_FAULTS={self.hub_faults}"
+            )
+            self.schedule(self.now() + delay, self.restart_hub_when_possible, "hub restart", True)
+            ctx.step = 1
+            return self.now() + 0.05
+        if ctx.data.get("done"):
+            return None
+        if self.hub_state == "up" and "up_at" not in ctx.data:
+            ctx.data["up_at"] = self.now()
+        up_at = ctx.data.get("up_at")
+        waited = self.now() - up_at if up_at is not None else 0.0
+        if waited < FAILPOINT_WAIT and self.now() - ctx.data["armed_at"] < 3 * FAILPOINT_WAIT:
+            return self.now() + 0.02
+        # Not reached in time (no work flowing?): a hub without the failpoint takes over.
+        reason = f"{point} not reached {ctx.data['k']} times in {waited:.0f} s of the armed hub"
+        self.not_fired[ctx.kind].append(reason)
+        self.say(f"fault {ctx.index} {ctx.kind} not fired: {reason}; restarting the hub")
+        self.armed = None
+        self.hub_faults = None
+        if self.hub.alive:
+            self.hub.terminate(10)
+        if self.hub_state in ("up", "starting"):
+            self.hub_state = "down"
+            self.schedule(self.now(), self.restart_hub_when_possible, "hub restart", True)
         return None
+
+    def waiting_in(self, project: str) -> int:
+        """Unfinished tasks of ``project`` (NA, TA, A), as the hub says; 0 if it cannot."""
+        try:
+            for entry in self.control("projects", timeout=1):
+                if entry["name"] == project:
+                    return sum(entry["tasks"].get(state, 0) for state in ("NA", "TA", "A"))
+        except Exception:
+            pass
+        return 0
 
     def f_node_kill(self, ctx: FaultCtx) -> float | None:
         targets = self.live_nodes("up", "stopped")
@@ -972,6 +1151,8 @@ class Chaos:
     def f_disk_full(self, ctx: FaultCtx) -> float | None:
         if self.disk_full:
             return self.postpone(ctx, "the disk is full already")
+        if self.armed is not None:
+            return self.postpone(ctx, f"a failpoint is armed ({self.armed.kind})")
         self.filler = self.mount / "filler"
         written = fill_disk(self.filler)
         self.disk_full = True
@@ -1042,6 +1223,7 @@ class Chaos:
         self.reap_orphans()
         self.check_hub()
         self.check_nodes()
+        self.poll_status()
         self.run_due(self.now())
         self.progress()
         wake = self.actions[0].at - self.now() if self.actions else TICK
@@ -1312,6 +1494,12 @@ class Chaos:
         if spooled_live:
             problems["results still spooled on live nodes"].append(str(spooled_live))
         logs = self.log_evidence()
+        # Every failpoint kill in the hub's log is one the harness armed and counted.
+        logged_kills = len(self.failpoint_lines())
+        if logged_kills != sum(self.failpoint_kills.values()):
+            problems["failpoint kills in the hub's log not counted by a fault"].append(
+                f"{logged_kills} logged, {sum(self.failpoint_kills.values())} counted"
+            )
         cuts = Counter(c.kind for c in self.proxy.cuts)
         elapsed = (self.drained_at or self.now()) - self.started_work
         invariants = {
@@ -1348,6 +1536,21 @@ class Chaos:
                 "late results accepted (lease lost or expired, task unfinished)": late,
                 "leases superseded by a late result": superseded,
                 "results spooled on gone nodes (abandoned)": spooled_gone,
+                "kills inside a commit (store.before_commit)": self.failpoint_kills[
+                    "store.before_commit"
+                ],
+                "kills after a commit, before its messages (runtime.after_commit)": (
+                    self.failpoint_kills["runtime.after_commit"]
+                ),
+                "kills after an outbox fsync, before its length is recorded": (
+                    self.failpoint_kills["outbox.after_fsync"]
+                ),
+                "kills after an upload chunk's fsync, before its ack": (
+                    self.failpoint_kills["upload.after_fsync"]
+                ),
+                "hub outages (degraded, then recovered by itself)": logs[
+                    "hub: recovered by itself (HUB RECOVERED)"
+                ],
                 "run time (s)": round(elapsed, 1),
                 "settle: every node back, spools empty (s)": round(self.settled_after, 1),
                 "throughput (tasks/s)": round(len(lines) / elapsed, 2) if elapsed > 0 else 0,
@@ -1362,11 +1565,16 @@ class Chaos:
                 "skipped_kinds": self.skipped_kinds,
                 "notes": {k: v for k, v in self.fault_notes.items() if v},
                 "proxy_cuts": dict(cuts),
+                "failpoints": self.failpoint_record,
             },
             "events": {
                 "hub exits not injected": self.hub_deaths,
                 "hub start failures": self.hub_start_failures,
+                "hub start failures by reason": dict(self.start_failure_reasons),
                 "hub restarts": self.hub_restarts,
+                "hub starts": self.hub_serial,
+                "hub outages by status (outages, summed over hub starts)": sum(self.outages_seen),
+                "status polls that found the hub degraded": self.degraded_seen,
                 "node exits not injected": self.node_deaths,
                 "submit retries": self.submit_retries,
                 "lease outcomes": outcomes,
@@ -1404,10 +1612,64 @@ class Chaos:
             return f"outbox file: {exc}"
         return None if data == want else "outbox digest.txt differs"
 
+    def rejoin_delays(self) -> tuple[list[float], list[float]]:
+        """Seconds from a hub's "listening" to each node's first "connected" after it:
+        (after every hub start that lived 10 s or more, after those of them that followed
+        a hub that had lived 10 s too: one outage, not a series). Nodes started while that
+        hub ran are left out; a node stopped meanwhile (SIGSTOP) counts as slow."""
+        hub_log = self.work / "hub.log"
+        if not hub_log.exists():
+            return [], []
+        starts: list[float] = []  # each hub start, and when it listened (or nan)
+        listening: list[float] = []
+        for line in hub_log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("==== chaos: start hub at "):
+                starts.append(float(line.split()[5]))
+                listening.append(float("nan"))
+            elif "hub listening on" in line and listening:
+                listening[-1] = _log_time(line)
+        nodes: list[tuple[list[float], list[float]]] = []  # (process starts, connects)
+        for slot in self.nodes:
+            with contextlib.suppress(FileNotFoundError):
+                text = slot.proc.log.read_text(encoding="utf-8", errors="replace")
+                began = [
+                    float(line.split()[5])
+                    for line in text.splitlines()
+                    if line.startswith("==== chaos: start ")
+                ]
+                connects = [
+                    _log_time(line)
+                    for line in text.splitlines()
+                    if "INFO node.client: connected to" in line
+                ]
+                nodes.append((began, connects))
+        every: list[float] = []
+        single: list[float] = []
+        for i, at in enumerate(listening):
+            until = starts[i + 1] if i + 1 < len(starts) else time.time()
+            if at != at or until - at < 10:  # nan: it never listened
+                continue
+            calm = (
+                i > 0
+                and listening[i - 1] == listening[i - 1]
+                and starts[i] - listening[i - 1] >= 10
+            )
+            for began, connects in nodes:
+                after = [t for t in connects if at <= t < until]
+                if not after or not any(t < at for t in began):
+                    continue
+                if any(at <= t < after[0] for t in began):
+                    continue  # killed and started again meanwhile
+                every.append(after[0] - at)
+                if calm:
+                    single.append(after[0] - at)
+        return every, single
+
     def log_evidence(self) -> dict[str, Any]:
         """What the logs say happened: recoveries the guarantees rely on."""
         hub_log = self.work / "hub.log"
         text = hub_log.read_text(encoding="utf-8", errors="replace") if hub_log.exists() else ""
+        every, single = self.rejoin_delays()
         node_text = ""
         for slot in self.nodes:
             with contextlib.suppress(FileNotFoundError):
@@ -1428,6 +1690,9 @@ class Chaos:
             "hub: leases lost at a reconnect without them": text.count(
                 "ended: lost: node reconnected without it"
             ),
+            "hub: degraded (HUB DEGRADED)": text.count("HUB DEGRADED"),
+            "hub: recovered by itself (HUB RECOVERED)": text.count("HUB RECOVERED"),
+            "hub: failpoint kills (CRITICAL)": len(self.failpoint_lines()),
             "hub: tracebacks": text.count("Traceback"),
             "hub: ERROR lines": sum(1 for line in text.splitlines() if " ERROR " in line),
             "nodes: bundle downloads resumed from a partial file": resumed_bundles,
@@ -1439,6 +1704,8 @@ class Chaos:
                 "was not resumed by the hub"
             ),
             "nodes: tracebacks": node_text.count("Traceback"),
+            "nodes back at a restarted hub, s (median / 90th percentile / max)": _spread(every),
+            "the same after a single restart (the hub before had lived 10 s)": _spread(single),
         }
 
     # ---- tear-down --------------------------------------------------------------------------
@@ -1491,6 +1758,24 @@ class Chaos:
 # ---- output -------------------------------------------------------------------------------
 
 
+def _spread(values: list[float]) -> str:
+    """Median, 90th percentile and maximum of ``values``, and how many."""
+    if not values:
+        return "none"
+    ordered = sorted(values)
+    median = ordered[len(ordered) // 2]
+    p90 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+    return f"{median:.2f} / {p90:.2f} / {ordered[-1]:.2f} (n={len(ordered)})"
+
+
+def _log_time(line: str) -> float:
+    """UNIX time of a log line that starts ``2026-11-28 10:50:01,234``."""
+    try:
+        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+    except ValueError:
+        return float("nan")
+
+
 def print_report(report: dict[str, Any]) -> None:
     figures = report["figures"]
     width = max(len(k) for k in figures) + 2
@@ -1513,6 +1798,12 @@ def print_report(report: dict[str, Any]) -> None:
     total_f = sum(faults["fired"].values())
     print(f"{'total':<18}{total_s:>10}{total_f:>7}")
     print(f"proxy cuts: {faults['proxy_cuts']}")
+    for kill in faults["failpoints"]:
+        up = kill["seconds_up"]
+        print(
+            f"failpoint kill: {kill['kind']}: {kill['point']}=kill@{kill['k']}, "
+            + (f"{up} s after the armed hub was up" if up is not None else "while starting")
+        )
     for kind, reasons in faults["not_fired"].items():
         print(f"not fired: {kind}: {'; '.join(reasons)}")
     for kind, notes in faults["notes"].items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from pathlib import Path
 
 from hub.blobs import ContentStore
@@ -21,7 +22,7 @@ from hub.session import NodeSession
 from hub.store import Store
 from hub.transport import StreamTransport
 from issc.config import Address, HubConfig
-from issc.errors import ConfigError
+from issc.tls import HANDSHAKE_TIMEOUT, ensure_self_signed, server_context
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,20 @@ def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def prepare_tls(config: HubConfig) -> ssl.SSLContext | None:
+    """The TLS context of the node listener (None without ``tls``), making a self-signed
+    certificate first if asked to; logs the certificate's fingerprint for volunteers to
+    pin. Raises ConfigError naming the key and the file."""
+    if config.tls is None:
+        return None
+    cert, key = config.tls.cert, config.tls.key
+    if config.tls.self_signed and ensure_self_signed(cert, key, config.listen.host):
+        log.info("made a self-signed TLS certificate %s (key %s)", cert, key)
+    context, digest = server_context(cert, key)
+    log.info("TLS certificate %s, fingerprint %s", cert, digest)
+    return context
 
 
 class Hub:
@@ -43,8 +58,7 @@ class Hub:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop``; raises the error of a core loop that failed."""
         config = self.config
-        if config.tls is not None:
-            raise ConfigError("tls: not supported by this version of issc-hub yet")
+        tls = prepare_tls(config)  # refuse a bad cert or key before anything starts
         # Not writable by group or others: the control socket may live here.
         config.data_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         check_socket_path(config.control_socket_path)  # refuse before anything starts
@@ -72,14 +86,28 @@ class Hub:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await NodeSession(runtime, StreamTransport(reader, writer)).serve()
 
-        server = await asyncio.start_server(on_connect, config.listen.host, config.listen.port)
+        if tls is None:
+            server = await asyncio.start_server(on_connect, config.listen.host, config.listen.port)
+        else:
+            server = await asyncio.start_server(
+                on_connect,
+                config.listen.host,
+                config.listen.port,
+                ssl=tls,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
         host, port = server.sockets[0].getsockname()[:2]
         self.address = Address(host, port)
         control = ControlServer(runtime, config.control_socket_path, str(self.address))
         await control.start()
         addr_file = config.data_dir / "hub.addr"
         write_atomically(addr_file, f"{self.address}\n")
-        log.info("hub listening on %s; data in %s", self.address, config.data_dir)
+        log.info(
+            "hub listening on %s%s; data in %s",
+            self.address,
+            " (TLS 1.3)" if tls is not None else "",
+            config.data_dir,
+        )
         loops = [
             asyncio.create_task(runtime.pump(), name="pump"),
             asyncio.create_task(runtime.export_loop(), name="outbox"),

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from hub import faults
 from issc.errors import IsscError
 from issc.fsutil import fsync_dir, sha256_file
 from issc.names import SHA256_RE
@@ -173,6 +174,7 @@ class UploadArea:
             raise
         finally:
             os.close(fd)
+        faults.point("upload.after_fsync")  # durable; not counted, not acknowledged yet
         held += len(data)
         if held < size:
             return held

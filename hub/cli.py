@@ -1,4 +1,9 @@
-"""``issc-hub [--config FILE]``: run the hub in the foreground until SIGINT/SIGTERM."""
+"""``issc-hub [--config FILE]``: run the hub in the foreground until SIGINT/SIGTERM.
+
+``issc-hub --config FILE --fingerprint`` prints the fingerprint of the hub's TLS
+certificate (making a self-signed one first under ``tls.self_signed``) and exits: the
+line volunteers put in their node's ``tls.fingerprint``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ import signal
 import sys
 from pathlib import Path
 
-from hub.app import Hub
-from issc.config import load_hub_config
+from hub import faults
+from hub.app import Hub, prepare_tls
+from issc.config import HubConfig, load_hub_config
 from issc.errors import IsscError
+from issc.tls import certificate_fingerprint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,12 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--fingerprint",
+        action="store_true",
+        help="print the TLS certificate's fingerprint for nodes to pin, and exit",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        faults.configure_from_env()  # ISSC_HUB_FAULTS: failpoints for fault tests only
         config = load_hub_config(args.config)
+        if args.fingerprint:
+            return _print_fingerprint(config)
         asyncio.run(_run(Hub(config)))
     except IsscError as exc:
         print(f"issc-hub: error: {exc}", file=sys.stderr)
@@ -36,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _print_fingerprint(config: HubConfig) -> int:
+    if config.tls is None:
+        print("issc-hub: error: tls: not set in the config; nothing to pin", file=sys.stderr)
+        return 1
+    prepare_tls(config)
+    print(certificate_fingerprint(config.tls.cert))
     return 0
 
 

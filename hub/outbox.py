@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from hub import faults
 from hub.blobs import ContentStore
 from hub.store import FinishedTask, Store, iso_time
 from issc.fsutil import fsync_dir
@@ -108,6 +109,7 @@ class Outbox:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            faults.point("outbox.after_fsync")  # durable; the store has not recorded it
             return size + len(encoded)
         finally:
             os.close(fd)

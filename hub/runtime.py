@@ -31,6 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from hub import events as ev
+from hub import faults
 from hub.blobs import ContentStore, UploadArea
 from hub.changes import Change, LeaseEnded, TaskFinished, TrustChanged
 from hub.clock import AnchoredClock
@@ -540,6 +541,7 @@ class HubRuntime:
         if changes:
             # A failure here degrades the hub (see pump): memory is ahead of the database.
             await self.astore.call(self.store.apply, changes)
+            faults.point("runtime.after_commit")  # committed, nothing of it told yet
             self._round_committed = True
             self.batches += 1
             try:

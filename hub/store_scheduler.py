@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from hub import faults
 from hub.changes import (
     Change,
     FileInfo,
@@ -238,7 +239,8 @@ class SchedulerStore(StoreBase):
                         if isinstance(c, ProjectPauseChanged)
                     ],
                 )
-        except SQLAlchemyError as exc:
+                faults.point("store.before_commit")
+        except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot commit a batch of {len(changes)} changes: {exc}") from None
 
     def _write_replicas(self, conn: Any, changes: Sequence[Change]) -> None:

@@ -19,6 +19,7 @@ import yaml
 
 from issc.errors import ConfigError
 from issc.names import VOLUNTEER_NAME_RE, VOLUNTEER_NAME_RULE
+from issc.tls import normalize_fingerprint
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ _HUB_KEYS = {
 }  # fmt: skip
 _NODE_KEYS = {
     "hub", "volunteer", "token", "data_dir", "projects", "trusted_keys", "slots", "relay", "tls",
-    "file_cache_mb", "file_cache_days", "discover",
+    "file_cache_mb", "file_cache_days", "discover", "sandbox",
 }  # fmt: skip
 DEFAULT_DISCOVERY_ADDRESS = "255.255.255.255"
 DEFAULT_DISCOVERY_PORT = 7412
@@ -54,12 +55,15 @@ DEFAULT_HUB = Address("127.0.0.1", DEFAULT_HUB_PORT)
 class ServerTls:
     cert: Path
     key: Path
+    self_signed: bool = False  # make a self-signed cert and key when neither file exists
 
 
 @dataclass(frozen=True, slots=True)
 class ClientTls:
+    """How a node checks the hub: exactly one of ``ca`` and ``fingerprint`` is set."""
+
     ca: Path | None
-    fingerprint: str | None
+    fingerprint: str | None  # normalized: "sha256:" and 64 lowercase hex digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,9 @@ class NodeConfig:
     file_cache_mb: int  # input-file cache size beyond which least recently used files go
     file_cache_days: float  # input files unused this long are evicted
     discover: DiscoverConfig | None = None  # None = no relay discovery
+    # How task code is confined (docs/security.md): auto = bubblewrap where usable;
+    # bubblewrap = required; none = rlimits and a scrubbed environment only.
+    sandbox: Literal["auto", "bubblewrap", "none"] = "auto"
 
     @property
     def file_cache_bytes(self) -> int:
@@ -171,6 +178,12 @@ class _Reader:
 
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
+        raise TypeError
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
         raise TypeError
     return value
 
@@ -261,11 +274,11 @@ def load_hub_config(path: Path | None) -> HubConfig:
     r.reject_unknown(_HUB_KEYS)
     tls = None
     if (t := r.sub("tls")) is not None:
-        t.reject_unknown({"cert", "key"})
+        t.reject_unknown({"cert", "key", "self_signed"})
         cert, key = t.path("cert", None), t.path("key", None)
         if cert is None or key is None:
             raise r.error("tls", "needs both cert and key")
-        tls = ServerTls(cert, key)
+        tls = ServerTls(cert, key, t.get("self_signed", False, _bool, "true or false"))
     data_dir = r.path("data_dir", r.base_dir / "issc-data")
     assert data_dir is not None
     return HubConfig(
@@ -353,7 +366,15 @@ def load_node_config(path: Path) -> NodeConfig:
     tls = None
     if (s := r.sub("tls")) is not None:
         s.reject_unknown({"ca", "fingerprint"})
-        tls = ClientTls(s.path("ca", None), s.get("fingerprint", None, _string, "a string"))
+        pin = s.get(
+            "fingerprint",
+            None,
+            lambda v: normalize_fingerprint(_string(v)),
+            'a certificate fingerprint "sha256:<64 hex digits>"',
+        )
+        tls = ClientTls(s.path("ca", None), pin)
+        if (tls.ca is None) == (tls.fingerprint is None):
+            raise r.error("tls", "needs exactly one of ca and fingerprint")
     no_projects: tuple[str, ...] = ()
     projects = r.get("projects", no_projects, _name_list, "a list of project names")
     trusted = _trusted_keys(r)
@@ -375,4 +396,7 @@ def load_node_config(path: Path) -> NodeConfig:
         file_cache_mb=r.get("file_cache_mb", 1024, _positive_int, "a positive integer"),
         file_cache_days=r.get("file_cache_days", 14.0, _positive_float, "a positive number"),
         discover=discover,
+        sandbox=r.get(
+            "sandbox", "auto", _choice("auto", "bubblewrap", "none"), "auto, bubblewrap or none"
+        ),
     )

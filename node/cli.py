@@ -12,6 +12,7 @@ from pathlib import Path
 from issc.config import load_node_config
 from issc.errors import IsscError
 from node.client import NodeClient
+from node.sandbox import enable_orphan_reaping, sandbox_for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_node_config(args.config)
-        if config.tls is not None:
-            raise IsscError("tls: not supported by this version of issc-node yet")
+        # Detected once, here at start: the reduced-isolation warning comes first in the log.
+        if sandbox_for(config.sandbox).bwrap is None:
+            enable_orphan_reaping()  # catches what escapes a run's process group
         asyncio.run(_run(NodeClient(config)))
     except IsscError as exc:
         print(f"issc-node: error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -68,6 +69,7 @@ from issc.protocol import (
     Welcome,
     check_field_value,
 )
+from issc.tls import HANDSHAKE_TIMEOUT, PinMismatchError, client_context, open_connection
 from node.cache import BundleCache
 from node.executor import Executor, RunOutcome, RunRequest, make_executor
 from node.fetch import BundleFetcher, InputFetcher
@@ -75,7 +77,7 @@ from node.files import FileCache
 from node.identity import NodeIdentity
 from node.relay import RelayServer, Uplink
 from node.runs import failure
-from node.sandbox import remove_tree
+from node.sandbox import remove_tree, sandbox_for
 from node.spool import ResultSpool
 from node.transfer import Send
 from node.upload import Uploader, given_record, sign_record
@@ -172,6 +174,9 @@ class NodeClient:
         self._avoid: dict[Address, float] = {}  # address -> loop time until which it is skipped
         self._last_address: Address | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # TLS (config ``tls``) applies to every address the node connects to.
+        self._tls = client_context(config.tls.ca) if config.tls is not None else None
+        self._pin = config.tls.fingerprint if config.tls is not None else None
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` in the background, keeping a reference until it is done."""
@@ -240,8 +245,15 @@ class NodeClient:
         for rank, address in enumerate(candidates):
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(address.host, address.port), CONNECT_TIMEOUT
+                    open_connection(address.host, address.port, self._tls, self._pin),
+                    CONNECT_TIMEOUT,
                 )
+            except PinMismatchError as exc:
+                log.warning("refusing %s: %s", address, exc)
+                continue
+            except ssl.SSLError as exc:  # a certificate that does not verify, say
+                log.warning("TLS with %s failed: %s", address, exc)
+                continue
             except (OSError, TimeoutError) as exc:
                 log.debug("cannot reach %s: %s", address, exc)
                 continue
@@ -262,7 +274,7 @@ class NodeClient:
             if link.address in candidates:
                 candidates = candidates[: candidates.index(link.address)]
             for address in candidates:
-                if await _reachable(address):
+                if await _reachable(address, self._tls, self._pin):
                     log.info("%s is reachable again; moving there from %s", address, link.address)
                     link.moving_to = address
                     with contextlib.suppress(Exception):
@@ -356,7 +368,10 @@ class NodeClient:
                 self._avoid[link.address] = asyncio.get_running_loop().time() + LIMIT_AVOID_SECONDS
             self._refused(message)
         if not isinstance(message, kind):
-            raise RemoteProtocolError("the hub closed the connection during the handshake")
+            hint = ""
+            if message is None and kind is Challenge and self._tls is None:
+                hint = " (is it a TLS hub? this node has no tls: in its config)"
+            raise RemoteProtocolError(f"the hub closed the connection during the handshake{hint}")
         return message
 
     def _welcomed(self, link: _Link, welcome: Welcome) -> None:
@@ -546,7 +561,9 @@ class NodeClient:
 
     def _executor(self, mode: str) -> Executor:
         if mode not in self.executors:
-            self.executors[mode] = make_executor(mode, self.scratch, self.config.slots)
+            self.executors[mode] = make_executor(
+                mode, self.scratch, self.config.slots, sandbox_for(self.config.sandbox)
+            )
         return self.executors[mode]
 
     async def _run_task(self, running: Running, bundle_dir: Path, manifest: Manifest) -> None:
@@ -705,12 +722,15 @@ def _sendable(outcome: RunOutcome) -> RunOutcome:
     return replace(outcome, error=error, result=outcome.result if outcome.ok else None)
 
 
-async def _reachable(address: Address) -> bool:
-    """Whether a TCP connection to ``address`` opens (a relay listens only while it can
-    reach the hub)."""
+async def _reachable(
+    address: Address, tls: ssl.SSLContext | None = None, pin: str | None = None
+) -> bool:
+    """Whether a connection to ``address`` opens (a relay listens only while it can
+    reach the hub); with TLS, whether the handshake and the pin check pass too."""
+    timeout = PROBE_TIMEOUT if tls is None else PROBE_TIMEOUT + HANDSHAKE_TIMEOUT
     try:
         _reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(address.host, address.port), PROBE_TIMEOUT
+            open_connection(address.host, address.port, tls, pin), timeout
         )
     except (OSError, TimeoutError):
         return False

@@ -92,7 +92,7 @@ offer_timeout: 30
 max_attempts: 7
 registration: closed
 control_socket: /run/issc/ctl.sock
-tls: {cert: /etc/issc/hub.crt, key: /etc/issc/hub.key}
+tls: {cert: /etc/issc/hub.crt, key: /etc/issc/hub.key, self_signed: true}
 """,
     )
     config = load_hub_config(path)
@@ -107,7 +107,7 @@ tls: {cert: /etc/issc/hub.crt, key: /etc/issc/hub.key}
     assert config.max_attempts == 7
     assert config.registration == "closed"
     assert config.control_socket_path == Path("/run/issc/ctl.sock")
-    assert config.tls == ServerTls(Path("/etc/issc/hub.crt"), Path("/etc/issc/hub.key"))
+    assert config.tls == ServerTls(Path("/etc/issc/hub.crt"), Path("/etc/issc/hub.key"), True)
 
 
 def test_hub_null_values_mean_the_default(tmp_path: Path) -> None:
@@ -192,6 +192,8 @@ def test_hub_wrong_type_names_the_key_and_the_file(tmp_path: Path, text: str, ke
         ("tls: {key: a.key}\n", "tls"),
         ("tls: {cert: a.crt, key: a.key, ca: b.crt}\n", "tls.ca"),
         ("tls: {cert: 5, key: a.key}\n", "tls.cert"),
+        ("tls: {cert: a.crt, key: a.key, self_signed: yes please}\n", "tls.self_signed"),
+        ("tls: {cert: a.crt, key: a.key, self_signed: 1}\n", "tls.self_signed"),
     ],
 )
 def test_hub_tls_sub_key_errors_name_the_key_path(tmp_path: Path, text: str, key: str) -> None:
@@ -230,6 +232,7 @@ def test_node_defaults(tmp_path: Path) -> None:
     assert config.tls is None
     assert config.file_cache_mb == 1024
     assert config.file_cache_days == 14
+    assert config.sandbox == "auto"
     assert config.file_cache_bytes == 1024 * 1024 * 1024
     assert config.file_cache_seconds == 14 * 86400
     assert config.discover is None
@@ -250,10 +253,11 @@ trusted_keys:
   unused: "{pubkey}"
 slots: 8
 relay: {{listen: 0.0.0.0:7412, max_peers: 1024, discovery: 0.0.0.0:7413}}
-tls: {{ca: /etc/issc/ca.pem, fingerprint: "sha256:abcd"}}
+tls: {{ca: /etc/issc/ca.pem}}
 file_cache_mb: 200
 file_cache_days: 0.5
 discover: {{address: 192.168.1.255, port: 7414, timeout: 30}}
+sandbox: bubblewrap
 """,
     )
     config = load_node_config(path)
@@ -269,13 +273,14 @@ discover: {{address: 192.168.1.255, port: 7414, timeout: 30}}
     }
     assert config.slots == 8
     assert config.relay == RelayConfig(Address("0.0.0.0", 7412), 1024, Address("0.0.0.0", 7413))
-    assert config.tls == ClientTls(Path("/etc/issc/ca.pem"), "sha256:abcd")
+    assert config.tls == ClientTls(Path("/etc/issc/ca.pem"), None)
     assert config.file_cache_mb == 200
     assert config.file_cache_bytes == 200 * 1024 * 1024
     assert config.file_cache_days == 0.5
     assert config.file_cache_seconds == 43200
     assert config.discover == DiscoverConfig("192.168.1.255", 7414, 30.0)
     assert isinstance(config.discover.timeout, float)
+    assert config.sandbox == "bubblewrap"
 
 
 def test_node_relay_defaults(tmp_path: Path) -> None:
@@ -311,10 +316,11 @@ def test_node_discover(tmp_path: Path, text: str, expected: DiscoverConfig | Non
 
 
 def test_node_single_hub_and_tls_fingerprint_only(tmp_path: Path) -> None:
-    path = write(tmp_path, 'volunteer: a\nhub: relay.lan:7412\ntls: {fingerprint: "sha256:00"}\n')
+    pin = "SHA256:" + ":".join(["AB"] * 32)  # openssl's form: upper case, colons
+    path = write(tmp_path, f'volunteer: a\nhub: relay.lan:7412\ntls: {{fingerprint: "{pin}"}}\n')
     config = load_node_config(path)
     assert config.hubs == (Address("relay.lan", 7412),)
-    assert config.tls == ClientTls(None, "sha256:00")
+    assert config.tls == ClientTls(None, "sha256:" + "ab" * 32)
 
 
 def test_node_relative_paths_resolve_against_the_files_directory(
@@ -428,6 +434,11 @@ def test_node_unknown_key_names_the_key_and_the_file(tmp_path: Path, pubkey: str
         ("discover: {timeout: false}\n", "discover.timeout"),
         ("tls: {pin: x}\n", "tls.pin"),
         ("tls: {fingerprint: 5}\n", "tls.fingerprint"),
+        ('tls: {fingerprint: "sha256:abcd"}\n', "tls.fingerprint"),
+        ('tls: {fingerprint: "md5:' + "ab" * 32 + '"}\n', "tls.fingerprint"),
+        ('tls: {fingerprint: "sha256:' + "zz" * 32 + '"}\n', "tls.fingerprint"),
+        ("tls: {}\n", "tls"),
+        ('tls: {ca: ca.pem, fingerprint: "sha256:' + "ab" * 32 + '"}\n', "tls"),
         ("trusted_keys: [a]\n", "trusted_keys"),
         ("file_cache_mb: 0\n", "file_cache_mb"),
         ("file_cache_mb: -5\n", "file_cache_mb"),
@@ -439,6 +450,8 @@ def test_node_unknown_key_names_the_key_and_the_file(tmp_path: Path, pubkey: str
         ("file_cache_days: .inf\n", "file_cache_days"),
         ("file_cache_days: forever\n", "file_cache_days"),
         ("file_cache_days: false\n", "file_cache_days"),
+        ("sandbox: chroot\n", "sandbox"),
+        ("sandbox: true\n", "sandbox"),
     ],
 )
 def test_node_wrong_type_names_the_key_path_and_the_file(
@@ -501,5 +514,5 @@ def test_example_node_config_shows_every_node_key() -> None:
     keys = set(yaml.safe_load((CONFIGS / "node.yaml").read_text()))
     assert keys == {
         "hub", "volunteer", "token", "data_dir", "projects", "trusted_keys", "slots", "relay",
-        "tls", "file_cache_mb", "file_cache_days", "discover",
+        "tls", "file_cache_mb", "file_cache_days", "discover", "sandbox",
     }  # fmt: skip
