@@ -553,11 +553,23 @@ def _direct_children(pid: int) -> list[int]:
 
 
 def kill_group(pid: int) -> None:
-    """SIGKILL the process group that ``pid`` leads, and ``pid`` itself.
+    """SIGKILL the process group that ``pid`` leads, ``pid`` itself, and its direct
+    children with the groups they lead.
 
-    A group or process that is already gone is fine. The direct kill is a safety net
-    for a process that somehow does not lead its group.
+    The children matter under bubblewrap as root: the task runs as pid 1 of its own
+    namespace in its own session, and bwrap's die-with-parent signal never reaches it
+    once it is nobody (the monitor, root without CAP_KILL, may not signal another uid).
+    The node may, and SIGKILL to a namespace's pid 1 ends everything in it. ``pid`` is
+    stopped first: a stopped parent cannot reap, so its children's pids stay theirs.
+    A group or process that is already gone is fine.
     """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGSTOP)
+    for child in _direct_children(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -179,11 +179,17 @@ if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
         os.execv(sys.executable, [sys.executable, "-c", "import time\\n"
-                 "while True:\\n open('marker', 'a').write('.'); time.sleep(0.2)", token])
+                 "while True:\\n time.sleep(0.2)", token])
     os._exit(0)
 time.sleep(0.5)
 print("parent done")
 """
+
+# The task itself (pid 1 of its namespace under bubblewrap) also carries the token.
+CANCELLED_TREE = DOUBLE_FORK.replace(
+    'time.sleep(0.5)\nprint("parent done")',
+    'os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", token])',
+)
 
 
 def processes_with(token: str) -> list[int]:
@@ -231,11 +237,11 @@ async def test_bubblewrap_kills_the_tree_of_a_cancelled_task(
     tmp_path: Path, sandboxed: ProcessExecutor
 ) -> None:
     token = f"issc-test-{uuid.uuid4().hex}"
-    bundle = make_bundle(tmp_path, DOUBLE_FORK.replace("time.sleep(0.5)", "time.sleep(60)"))
+    bundle = make_bundle(tmp_path, CANCELLED_TREE)
     running = asyncio.create_task(sandboxed.run(request(bundle, token)))
     deadline = time.monotonic() + 10
-    while not processes_with(token):
-        assert time.monotonic() < deadline, "the grandchild never started"
+    while len(processes_with(token)) < 2:
+        assert time.monotonic() < deadline, "the task and its grandchild never started"
         await asyncio.sleep(0.05)
     assert await sandboxed.cancel(1)
     outcome: RunOutcome = await running
