@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -63,6 +65,36 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_in_workdir(
+    name: str, parent: Path | None, keep: bool, body: Callable[[Path], None]
+) -> int:
+    """Run ``body`` in a fresh directory ``issc-<name>-*`` under ``parent`` (default: the
+    system's temporary directory); the exit status for the benchmark's ``main``.
+
+    0 when ``body`` returns; 1 when it raises BenchError, whose message is printed and
+    whose files are kept for the post-mortem; 130 on Ctrl-C or SIGTERM, after every
+    ``finally`` inside ``body`` has stopped what it started. The directory is removed
+    unless ``keep`` or the run failed.
+    """
+    work = Path(tempfile.mkdtemp(prefix=f"issc-{name}-", dir=parent))
+    try:
+        with terminate_as_interrupt():
+            body(work)
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        keep = True
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; every process started here is stopped", file=sys.stderr)
+        return 130
+    finally:
+        if keep:
+            print(f"files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 class Cluster:
     """A hub and its nodes as processes in ``work``; ``stop`` ends them all."""
 
@@ -86,14 +118,15 @@ class Cluster:
             raise BenchError(f"{' '.join(command)} failed:\n{done.stderr}{done.stdout}")
         return done.stdout.strip()
 
-    def start_hub(self) -> None:
-        """A signing key (owner.key), then the hub; waits for its address."""
+    def start_hub(self, settings: str = "heartbeat_interval: 1\n") -> None:
+        """A signing key (owner.key), then the hub with ``settings`` (YAML lines added to
+        its config); waits for its address."""
         # The hub's data dir holds its control socket: not writable by group or others.
         self.hub_dir.mkdir(mode=0o755, parents=True)
         self.inbox.mkdir()
         self.public_key = self.tool("keygen", "--out", "owner.key").split()[-1]
         (self.work / "hub.yaml").write_text(
-            "listen: 127.0.0.1:0\ndata_dir: ./hub\nheartbeat_interval: 1\n", encoding="utf-8"
+            "listen: 127.0.0.1:0\ndata_dir: ./hub\n" + settings, encoding="utf-8"
         )
         self.spawn("hub", "issc-hub", "hub.yaml")
         address_file = self.hub_dir / "hub.addr"

@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster import BenchError, Cluster, machine, terminate_as_interrupt
+from cluster import BenchError, Cluster, machine, run_in_workdir
 
 MIB = 1024 * 1024
 PROJECT = "relaybench"
@@ -245,27 +243,17 @@ def main() -> int:
         flush=True,
     )
     payload = os.urandom(int(args.payload_mb * MIB))
-    work = Path(tempfile.mkdtemp(prefix="issc-relay-", dir=args.dir))
     scenarios: list[Scenario] = []
-    try:
-        with terminate_as_interrupt():
-            for peers in args.peers:
-                for name in ("direct", "relayed"):
-                    scenario_dir = work / f"{name}-{peers}"
-                    scenarios.append(run_scenario(scenario_dir, name, peers, payload, args))
-                    scenarios[-1].print()
-    except BenchError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        args.keep = True
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process started here is stopped", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"files kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+
+    def body(work: Path) -> None:
+        for peers in args.peers:
+            for name in ("direct", "relayed"):
+                scenarios.append(run_scenario(work / f"{name}-{peers}", name, peers, payload, args))
+                scenarios[-1].print()
+
+    status = run_in_workdir("relay", args.dir, args.keep, body)
+    if status != 0:
+        return status
     print_table(scenarios)
     return 0
 

@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -41,7 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cluster import BenchError, Cluster, machine, terminate_as_interrupt
+from cluster import BenchError, Cluster, machine, run_in_workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 # The interpreter flags issc's sandbox uses for a bare ``python3`` entrypoint; the Dask
@@ -351,25 +349,16 @@ def main() -> int:
                 "dask is not installed: running issc alone. For the comparison, "
                 "`make bench` installs it (or: pip install -e '.[bench]')."
             )
-    work = Path(tempfile.mkdtemp(prefix="issc-throughput-", dir=args.dir))
     figures: list[Figure] = []
-    try:
-        with terminate_as_interrupt():
-            figures += run_issc(args, work / "issc")
-            if not args.skip_dask and not dask_missing:
-                figures += run_dask(args, work)
-    except BenchError as exc:
-        print(f"throughput: {exc}", file=sys.stderr)
-        args.keep = True
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process started here is stopped", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"files kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+
+    def body(work: Path) -> None:
+        figures.extend(run_issc(args, work / "issc"))
+        if not args.skip_dask and not dask_missing:
+            figures.extend(run_dask(args, work))
+
+    status = run_in_workdir("throughput", args.dir, args.keep, body)
+    if status != 0:
+        return status
     print_table(figures)
     print(
         "\nissc commits every state change to disk (SQLite WAL, synchronous=FULL) and runs "

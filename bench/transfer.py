@@ -49,16 +49,14 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster import BenchError, Cluster, machine, terminate_as_interrupt
+from cluster import BenchError, Cluster, machine, run_in_workdir
 
 MIB = 1024 * 1024
 CHUNK = MIB  # issc's transfer chunk (BUNDLE_CHUNK_SIZE)
@@ -498,25 +496,19 @@ def main() -> int:
         f"sharing one {args.shared_mb:g} MiB input on {args.nodes} nodes",
         flush=True,
     )
-    work = Path(tempfile.mkdtemp(prefix="issc-transfer-", dir=args.dir))
-    try:
-        with terminate_as_interrupt():
-            runs = part_one(work / "issc", args.size_mb, args.runs, args.timeout)
-            base = baselines(work / "baseline", args.size_mb, args.runs)
-            wire = part_two(work / "shared", args.tasks, args.shared_mb, args.nodes, args.timeout)
-    except BenchError as exc:
-        print(f"transfer: {exc}", file=sys.stderr)
-        args.keep = True
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process started here is stopped", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"files kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    found: dict[str, Any] = {}
 
+    def body(work: Path) -> None:
+        found["runs"] = part_one(work / "issc", args.size_mb, args.runs, args.timeout)
+        found["base"] = baselines(work / "baseline", args.size_mb, args.runs)
+        found["wire"] = part_two(
+            work / "shared", args.tasks, args.shared_mb, args.nodes, args.timeout
+        )
+
+    status = run_in_workdir("transfer", args.dir, args.keep, body)
+    if status != 0:
+        return status
+    runs, base, wire = found["runs"], found["base"], found["wire"]
     print(f"\n{'path':<38} {'MiB/s (range over runs)':>24}")
     print(f"{'issc download (fetch_file, node side)':<38} {spread([r.download for r in runs]):>24}")
     print(f"{'issc upload (upload, hub side)':<38} {spread([r.upload for r in runs]):>24}")
