@@ -33,8 +33,10 @@ from hub.events import (
 from hub.inputs import InputResolver
 from hub.store import Store
 from hub.taskfile import parse_task_file
-from issc.bundle import verify_self_signed
-from issc.errors import IsscError
+from issc.bundle import read_manifest_bytes, verify_self_signed
+from issc.errors import BundleError, IsscError
+from issc.manifest import Manifest
+from issc.rotation import check_rotation
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +215,10 @@ class Inbox:
         now = time.time()
         if name.endswith(BUNDLE_SUFFIX):
             manifest = verify_self_signed(path)
-            project, changed = self.store.register_bundle(manifest, digest, data, now)
+            rotated_from = self._key_rotation(manifest)
+            project, changed = self.store.register_bundle(
+                manifest, digest, data, now, rotated_from=rotated_from
+            )
             self.store.record_inbox_file(
                 digest, name, "accepted", f"{project.name} v{project.version}"
             )
@@ -238,6 +243,40 @@ class Inbox:
             if e.expect_json is not None
         )
         return Ingested(project_id=project_id, task_pks=tuple(pks), expected=expected)
+
+    def _key_rotation(self, manifest: Manifest) -> str | None:
+        """The pinned owner key a newer bundle rotates away from, or None if it keeps it.
+
+        The hub pins the first key it saw for a project and moves the pin only as a node
+        does (issc.rotation): along an endorsement chain from the pinned key. A bundle must
+        also carry the whole chain of the registered one (the chain only grows), so that
+        nodes pinning any earlier key can still walk it, and so that no key the project
+        left can come back (a chain never repeats a key).
+
+        Raises:
+            BundleError: naming the cause, for the rejection note.
+        """
+        current = self.store.current_bundle(manifest.name)
+        if current is None:
+            return None
+        pinned, content = current
+        previous = read_manifest_bytes(content)
+        # The keys the registered chain walked past: never trusted again.
+        superseded = {link.old_key for link in previous.endorsements}
+        try:
+            check_rotation(manifest, pinned, superseded)
+        except BundleError as exc:
+            raise BundleError(
+                f"project {manifest.name!r} is registered with owner key {pinned}: {exc}"
+            ) from None
+        kept = manifest.endorsements[: len(previous.endorsements)]
+        if kept != previous.endorsements:
+            raise BundleError(
+                f"project {manifest.name!r}: the bundle does not carry the key rotation chain "
+                f"of the registered version {previous.version} ({len(previous.endorsements)} "
+                "rotations); pack it with --endorsements CHAINFILE"
+            )
+        return pinned if manifest.owner_key != pinned else None
 
     def _reject(self, path: Path, reason: str, directory: Path | None = None) -> None:
         log.warning("inbox: rejected %s: %s", path.name, reason)

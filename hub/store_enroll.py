@@ -43,17 +43,26 @@ class EnrollmentStore(StoreBase):
     # ---- projects and bundles ---------------------------------------------------------
 
     def register_bundle(
-        self, manifest: Manifest, digest: str, content: bytes, now: float
+        self,
+        manifest: Manifest,
+        digest: str,
+        content: bytes,
+        now: float,
+        rotated_from: str | None = None,
     ) -> tuple[ProjectInfo, bool]:
         """Register a new project or a newer version; returns (project, changed).
 
-        Raises StoreError if another key signed the project before, or if the version
-        is not newer than the registered one (an identical bundle is not an error).
+        ``rotated_from``: the pinned owner key from which the caller verified an
+        endorsement chain to this bundle's signer (``issc.rotation``); the pin moves on.
+
+        Raises StoreError if another key signed the project before (and it is not
+        ``rotated_from``), or if the version is not newer than the registered one (an
+        identical bundle is not an error).
         """
         with self.engine.begin() as conn:
             row = conn.execute(select(PROJECTS).where(Project.name == manifest.name)).first()
             if row is not None:
-                if row.owner_key != manifest.owner_key:
+                if row.owner_key not in (manifest.owner_key, rotated_from):
                     raise StoreError(
                         f"project {manifest.name!r} is registered with another owner key "
                         f"({row.owner_key}); this bundle is signed by {manifest.owner_key}"
@@ -87,6 +96,7 @@ class EnrollmentStore(StoreBase):
                 ).inserted_primary_key[0]  # type: ignore[index]
             else:
                 project_id = row.id
+                values["owner_key"] = manifest.owner_key  # the same, or rotated to
                 conn.execute(update(PROJECTS).where(Project.id == project_id).values(**values))
             conn.execute(
                 insert(BUNDLES).values(

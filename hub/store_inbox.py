@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hub.changes import FileInfo
 from hub.db import INBOX_FILES, TASK_INPUTS, TASKS, StoreBase, chunks, insert_blobs
-from hub.models import Blob, InboxFile, Project, Task, TaskInput
+from hub.models import Blob, Bundle, InboxFile, Project, Task, TaskInput
 from issc.errors import StoreError, TaskFileError
 
 
@@ -51,6 +51,16 @@ class InboxStore(StoreBase):
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(InboxFile.name, InboxFile.outcome).where(InboxFile.sha256 == sha256)
+            ).first()
+            return (row[0], row[1]) if row else None
+
+    def current_bundle(self, project: str) -> tuple[str, bytes] | None:
+        """(pinned owner key, bytes of the current bundle) of a registered project."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(Project.owner_key, Bundle.content)
+                .join(Bundle, Bundle.digest == Project.digest)
+                .where(Project.name == project)
             ).first()
             return (row[0], row[1]) if row else None
 

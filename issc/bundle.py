@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import tarfile
@@ -45,6 +46,7 @@ from issc.fsutil import sha256_file
 from issc.keys import load_private_key, parse_public_key, public_key_string
 from issc.manifest import (
     MAX_PATH_CHARS,
+    Endorsement,
     FileEntry,
     Manifest,
     manifest_from_bytes,
@@ -52,6 +54,7 @@ from issc.manifest import (
     parse_project_yaml,
     unsafe_path_reason,
 )
+from issc.rotation import check_chain, read_chain, trusted_owner_key
 from issc.tarstream import (
     ARCHIVE_OVERHEAD,
     MEMBER_OVERHEAD,
@@ -79,28 +82,45 @@ _HEAD_BUDGET = 2 * MEMBER_OVERHEAD + MAX_MANIFEST_BYTES + SIGNATURE_BYTES + ARCH
 _CHUNK = 1024 * 1024
 
 KeyChoice = Callable[[Manifest], Ed25519PublicKey]
+# A pinned key (verify against it, walking a rotation chain from it), or a choice that
+# decides for itself (a node that also remembers superseded keys, say).
+Trust = Ed25519PublicKey | KeyChoice
 
 
 # --- packing -------------------------------------------------------------------------------
 
 
-def pack_bundle(src_dir: Path, key_path: Path, out: Path) -> Manifest:
+def pack_bundle(
+    src_dir: Path, key_path: Path, out: Path, endorsements: Path | None = None
+) -> Manifest:
     """Pack ``src_dir`` into a signed bundle at ``out`` (atomically); return its manifest.
+
+    ``endorsements``: a chain file (``issc-project rotate``) leading from the project's
+    first key to ``key_path``'s; it is copied into the signed manifest.
 
     Raises:
         BundleError: a bad project.yaml (names file and key), a symlink, special file or
             unsafe name under ``src_dir`` (names it), a bound exceeded, the private key
-            lying inside ``src_dir``, or ``out`` cannot be written.
+            lying inside ``src_dir``, ``out`` cannot be written, or a bad chain file or
+            one that does not end at the signing key.
         KeyFormatError: ``key_path`` is not a usable Ed25519 private key.
     """
     key = load_private_key(key_path)
     spec = parse_project_yaml(src_dir / PROJECT_YAML)
+    owner_key = public_key_string(key.public_key())
+    chain: tuple[Endorsement, ...] = ()
+    if endorsements is not None:
+        chain = read_chain(endorsements)
+        try:
+            check_chain(spec.name, chain, owner_key)
+        except BundleError as exc:
+            raise BundleError(f"{endorsements}: {exc}") from None
     sources = collect_sources(
         src_dir, skip=out, max_files=MAX_FILES, max_total_bytes=MAX_TOTAL_BYTES
     )
     refuse_private_key(sources, key_path)
     manifest = spec.to_manifest(
-        files=tuple(s.entry for s in sources), owner_key=public_key_string(key.public_key())
+        files=tuple(s.entry for s in sources), owner_key=owner_key, endorsements=chain
     )
     manifest_bytes = manifest_to_bytes(manifest)
     head = (
@@ -130,22 +150,44 @@ def read_manifest(path: Path) -> Manifest:
     return _scan(path, choose_key=None, staging=None)
 
 
-def verify_bundle(path: Path, trusted_key: Ed25519PublicKey) -> Manifest:
-    """Verify a bundle against ``trusted_key`` and return its manifest.
+def read_manifest_bytes(data: bytes) -> Manifest:
+    """read_manifest for a bundle held in memory (the hub's stored bundles).
 
     Raises:
-        BundleError: bad signature, owner key not ``trusted_key``, an unsafe, non-regular,
-            unexpected or missing member, a size or SHA-256 mismatch, a bound exceeded, or a
-            corrupt archive. The message names the bundle and the cause.
+        BundleError: not a bundle archive, or its manifest is bad.
     """
-    return _scan(path, choose_key=lambda _manifest: trusted_key, staging=None)
+    return _scan(Path("<bundle>"), choose_key=None, staging=None, data=data)
+
+
+def _key_choice(trusted: Trust) -> KeyChoice:
+    """A pinned key becomes a choice that walks a rotation chain from it (issc.rotation)."""
+    if isinstance(trusted, Ed25519PublicKey):
+        pinned = public_key_string(trusted)
+        return lambda manifest: trusted_owner_key(manifest, pinned)
+    return trusted
+
+
+def verify_bundle(path: Path, trusted_key: Trust) -> Manifest:
+    """Verify a bundle against ``trusted_key`` and return its manifest.
+
+    A bundle signed by another key is accepted only if it carries an endorsement chain
+    from ``trusted_key`` to its signer (see ``issc.rotation``).
+
+    Raises:
+        BundleError: bad signature, owner key not ``trusted_key`` nor endorsed from it, a
+            bad endorsement chain, an unsafe, non-regular, unexpected or missing member, a
+            size or SHA-256 mismatch, a bound exceeded, or a corrupt archive. The message
+            names the bundle and the cause.
+    """
+    return _scan(path, choose_key=_key_choice(trusted_key), staging=None)
 
 
 def verify_self_signed(path: Path) -> Manifest:
     """Verify a bundle against the owner key its own manifest names.
 
     This proves integrity, not trust: the caller must pin the key (the hub pins the first
-    key it saw for each project).
+    key it saw for each project, and moves the pin only along an endorsement chain). The
+    bundle's endorsement chain, if any, is checked too.
 
     Raises:
         BundleError: as verify_bundle.
@@ -153,8 +195,9 @@ def verify_self_signed(path: Path) -> Manifest:
     return _scan(path, choose_key=_owner_key_of, staging=None)
 
 
-def extract_bundle(path: Path, trusted_key: Ed25519PublicKey, dest: Path) -> Manifest:
-    """Verify a bundle against ``trusted_key`` and extract its files into ``dest``.
+def extract_bundle(path: Path, trusted_key: Trust, dest: Path) -> Manifest:
+    """Verify a bundle against ``trusted_key`` (as verify_bundle) and extract its files
+    into ``dest``.
 
     Files are written into a fresh hidden directory beside ``dest`` while they are verified,
     and that directory is renamed to ``dest`` only once everything verified; on any failure
@@ -170,7 +213,7 @@ def extract_bundle(path: Path, trusted_key: Ed25519PublicKey, dest: Path) -> Man
     except OSError as exc:
         raise BundleError(f"{dest}: cannot create a directory beside it: {exc.strerror}") from exc
     try:
-        manifest = _scan(path, choose_key=lambda _manifest: trusted_key, staging=staging)
+        manifest = _scan(path, choose_key=_key_choice(trusted_key), staging=staging)
         _fix_directory_modes(staging)
         os.rename(staging, dest)
     except OSError as exc:
@@ -195,7 +238,9 @@ def bundle_digest(path: Path) -> str:
 
 
 def _owner_key_of(manifest: Manifest) -> Ed25519PublicKey:
-    """The key a self-signed bundle claims (already validated by manifest_from_bytes)."""
+    """The key a self-signed bundle claims (already validated by manifest_from_bytes),
+    once its endorsement chain checked out."""
+    check_chain(manifest.name, manifest.endorsements, manifest.owner_key)
     try:
         return parse_public_key(manifest.owner_key)
     except KeyFormatError as exc:  # unreachable after validation; kept as a guard
@@ -214,17 +259,20 @@ def _errors_name_bundle(path: Path) -> Iterator[None]:
         raise BundleError(f"{path}: not a valid bundle archive: {exc}") from exc
 
 
-def _scan(path: Path, choose_key: KeyChoice | None, staging: Path | None) -> Manifest:
+def _scan(
+    path: Path, choose_key: KeyChoice | None, staging: Path | None, data: bytes | None = None
+) -> Manifest:
     """Read a bundle as one stream, checking everything; optionally write files to ``staging``.
 
-    With ``choose_key`` None only the manifest is read and nothing is verified.
+    With ``choose_key`` None only the manifest is read and nothing is verified. ``data``:
+    the bundle's bytes, read instead of ``path`` (which then only names it).
 
     Raises:
         BundleError: see verify_bundle; every message starts with the bundle path.
     """
     with _errors_name_bundle(path):
         try:
-            raw = path.open("rb")
+            raw: BinaryIO = io.BytesIO(data) if data is not None else path.open("rb")
         except OSError as exc:
             raise BundleError(f"cannot read: {exc.strerror}") from exc
         with raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
@@ -267,9 +315,15 @@ def _check_signature(
     try:
         key.verify(signature, SIGNATURE_DOMAIN + manifest_bytes)
     except InvalidSignature:
+        hint = ""
+        if manifest.owner_key != public_key_string(key) and not manifest.endorsements:
+            hint = (
+                "; a bundle signed by a rotated key must carry the endorsement chain "
+                "(issc-project pack --endorsements)"
+            )
         raise BundleError(
             "signature does not verify with the trusted key "
-            f"(the manifest names owner key {manifest.owner_key})"
+            f"(the manifest names owner key {manifest.owner_key}){hint}"
         ) from None
     expected = public_key_string(key)
     if manifest.owner_key != expected:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -37,6 +39,16 @@ class FileEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Endorsement:
+    """One key rotation: ``old_key`` signed (project, new_key); see issc.rotation."""
+
+    project: str
+    old_key: str
+    new_key: str
+    signature: bytes  # 64 raw bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     """The signed description of one version of a project."""
 
@@ -50,6 +62,9 @@ class Manifest:
     owner_key: str  # "ed25519:<base64>" of the key that signed this manifest
     # Relative tolerance when replicas' numbers are compared (quorum); None: exact equality.
     tolerance: float | None = None
+    # Key rotations, oldest first: each link says the old key endorsed the new one; the last
+    # link's new key is owner_key. Checked by issc.rotation (structure here, signatures there).
+    endorsements: tuple[Endorsement, ...] = ()
 
 
 # --- project.yaml and the signed manifest.json ------------------------------------------
@@ -71,11 +86,18 @@ EXECUTION_MODES: tuple[ExecutionMode, ...] = ("process", "persistent")
 _PROJECT_KEYS = ("name", "version", "entrypoint", "mode", "limits", "quorum", "tolerance")
 _REQUIRED_PROJECT_KEYS = ("name", "version", "entrypoint")
 _LIMIT_KEYS = ("wall_seconds", "memory_mb", "output_mb")
-_MANIFEST_KEYS = (*_PROJECT_KEYS, "files", "owner_key", "format")
+_MANIFEST_KEYS = (*_PROJECT_KEYS, "files", "owner_key", "format", "endorsements")
 # ``tolerance`` is optional in manifest.json too: a bundle that declares none signs the
 # same bytes as before the key existed.
-_REQUIRED_MANIFEST_KEYS = tuple(key for key in _MANIFEST_KEYS if key != "tolerance")
+_REQUIRED_MANIFEST_KEYS = tuple(
+    key for key in _MANIFEST_KEYS if key not in ("tolerance", "endorsements")
+)
 _FILE_KEYS = ("path", "size", "sha256", "executable")
+# ``endorsements`` is optional too, and written only when there is one (no rotation: the
+# same bytes as before the key existed).
+_ENDORSEMENT_KEYS = ("project", "old_key", "new_key", "signature")
+MAX_ENDORSEMENTS = 64
+ENDORSEMENT_SIGNATURE_BYTES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +112,14 @@ class ProjectSpec:
     quorum: int = 1
     tolerance: float | None = None
 
-    def to_manifest(self, files: tuple[FileEntry, ...], owner_key: str) -> Manifest:
-        """Combine this spec with the bundle's files and the signer's public key string."""
+    def to_manifest(
+        self,
+        files: tuple[FileEntry, ...],
+        owner_key: str,
+        endorsements: tuple[Endorsement, ...] = (),
+    ) -> Manifest:
+        """Combine this spec with the bundle's files, the signer's public key string and
+        the endorsement chain that leads to it (if the key was ever rotated)."""
         return Manifest(
             name=self.name,
             version=self.version,
@@ -102,6 +130,7 @@ class ProjectSpec:
             files=files,
             owner_key=owner_key,
             tolerance=self.tolerance,
+            endorsements=endorsements,
         )
 
 
@@ -329,6 +358,8 @@ def manifest_to_bytes(m: Manifest) -> bytes:
     }
     if m.tolerance is not None:
         document["tolerance"] = float(m.tolerance)
+    if m.endorsements:
+        document["endorsements"] = [endorsement_to_json(e) for e in m.endorsements]
     text = json.dumps(
         document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
@@ -350,7 +381,8 @@ def manifest_from_bytes(b: bytes) -> Manifest:
     spec = checker.spec(raw, limits_required=_LIMIT_KEYS)
     files = _check_files(raw["files"], checker)
     owner_key = _check_owner_key(raw["owner_key"], checker)
-    return spec.to_manifest(files, owner_key)
+    endorsements = check_endorsements(raw["endorsements"], checker) if "endorsements" in raw else ()
+    return spec.to_manifest(files, owner_key, endorsements)
 
 
 def _load_strict_json(b: bytes, checker: _Checker) -> object:
@@ -429,14 +461,63 @@ def _check_file_entry(value: object, key: str, checker: _Checker) -> FileEntry:
     return FileEntry(path=path, size=size, sha256=digest, executable=executable)
 
 
-def _check_owner_key(value: object, checker: _Checker) -> str:
+def _check_owner_key(value: object, checker: _Checker, key: str = "owner_key") -> str:
     """Check owner_key is a well-formed canonical public key string."""
     if not isinstance(value, str):
-        raise checker.fail("owner_key", "must be a string")
+        raise checker.fail(key, "must be a string")
     try:
         parse_public_key(value)
     except KeyFormatError as exc:
-        raise checker.fail("owner_key", str(exc)) from None
+        raise checker.fail(key, str(exc)) from None
     if value != value.strip():
-        raise checker.fail("owner_key", "must not have surrounding whitespace")
+        raise checker.fail(key, "must not have surrounding whitespace")
     return value
+
+
+def endorsement_to_json(e: Endorsement) -> dict[str, str]:
+    """The JSON object of one endorsement (in manifest.json and in a chain file)."""
+    return {
+        "project": e.project,
+        "old_key": e.old_key,
+        "new_key": e.new_key,
+        "signature": base64.b64encode(e.signature).decode("ascii"),
+    }
+
+
+def check_endorsements(value: object, checker: _Checker) -> tuple[Endorsement, ...]:
+    """Validate the form of an endorsement list (the signatures are issc.rotation's job).
+
+    Raises:
+        BundleError: not a non-empty list of at most MAX_ENDORSEMENTS well-formed objects.
+    """
+    key = "endorsements"
+    if not isinstance(value, list) or not value:
+        raise checker.fail(key, "must be a non-empty list")
+    if len(value) > MAX_ENDORSEMENTS:
+        raise checker.fail(key, f"at most {MAX_ENDORSEMENTS} key rotations")
+    out = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        raw = checker.mapping(item, where, _ENDORSEMENT_KEYS, _ENDORSEMENT_KEYS)
+        project = checker.name(raw["project"], f"{where}.project")
+        old_key = _check_owner_key(raw["old_key"], checker, f"{where}.old_key")
+        new_key = _check_owner_key(raw["new_key"], checker, f"{where}.new_key")
+        signature = raw["signature"]
+        if not isinstance(signature, str):
+            raise checker.fail(f"{where}.signature", "must be a base64 string")
+        try:
+            sig = base64.b64decode(signature.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise checker.fail(f"{where}.signature", "bad base64") from None
+        if len(sig) != ENDORSEMENT_SIGNATURE_BYTES or base64.b64encode(sig).decode() != signature:
+            raise checker.fail(
+                f"{where}.signature",
+                f"must be {ENDORSEMENT_SIGNATURE_BYTES} bytes, canonical base64",
+            )
+        out.append(Endorsement(project=project, old_key=old_key, new_key=new_key, signature=sig))
+    return tuple(out)
+
+
+def checker_for(source: str) -> _Checker:
+    """A validator whose errors name ``source`` (a file), for formats built on these rules."""
+    return _Checker(source)

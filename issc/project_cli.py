@@ -1,9 +1,14 @@
 """``issc-project``: the project owner's tool to make keys, pack and verify bundles, and submit.
 
     issc-project keygen --out KEYFILE
-    issc-project pack DIR --key KEYFILE --out BUNDLE
+    issc-project pack DIR --key KEYFILE --out BUNDLE [--endorsements CHAINFILE]
     issc-project verify BUNDLE --pubkey PUBKEY
     issc-project submit FILE... --inbox DIR
+    issc-project rotate --project NAME --old OLDKEYFILE --new NEWPUBKEY --out CHAINFILE
+
+``rotate`` has the old key endorse the new one (``issc.rotation``) and appends that to
+the chain file, which every bundle packed from then on carries (``pack --endorsements``),
+so that nodes and the hub pinning any earlier key accept the new one.
 
 ``submit`` carries along the input files a task file names (``files: {NAME: PATH}``),
 each to the same place relative to the inbox, before the task file itself.
@@ -30,8 +35,9 @@ from pathlib import Path, PurePosixPath
 from issc.bundle import bundle_digest, pack_bundle, verify_bundle
 from issc.errors import IsscError
 from issc.fsutil import fsync_dir
-from issc.keys import generate_key, load_public_key_arg
+from issc.keys import generate_key, load_private_key, load_public_key_arg, public_key_string
 from issc.names import PLAIN_NAME_RE
+from issc.rotation import extend_chain, walked_keys
 from issc.taskrefs import FileReference, file_references
 
 PROG = "issc-project"
@@ -53,9 +59,12 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 def cmd_pack(args: argparse.Namespace) -> None:
     """Pack and sign DIR into BUNDLE."""
     out = Path(args.out)
-    manifest = pack_bundle(Path(args.dir), Path(args.key), out)
+    chain = Path(args.endorsements) if args.endorsements else None
+    manifest = pack_bundle(Path(args.dir), Path(args.key), out, endorsements=chain)
+    rotations = f", key rotations: {len(manifest.endorsements)}" if manifest.endorsements else ""
     print(
-        f"packed {manifest.name} version {manifest.version} -> {out} (sha256 {bundle_digest(out)})"
+        f"packed {manifest.name} version {manifest.version} -> {out} "
+        f"(sha256 {bundle_digest(out)}{rotations})"
     )
 
 
@@ -63,7 +72,24 @@ def cmd_verify(args: argparse.Namespace) -> None:
     """Verify BUNDLE against PUBKEY (a key string or a file holding one)."""
     key = load_public_key_arg(args.pubkey)
     manifest = verify_bundle(Path(args.bundle), key)
-    print(f"OK: {manifest.name} version {manifest.version}, {len(manifest.files)} files")
+    walked = walked_keys(manifest, public_key_string(key))
+    via = (
+        f", signed by {manifest.owner_key} (key rotations walked: {len(walked)})" if walked else ""
+    )
+    print(f"OK: {manifest.name} version {manifest.version}, {len(manifest.files)} files{via}")
+
+
+def cmd_rotate(args: argparse.Namespace) -> None:
+    """Endorse NEWPUBKEY with OLDKEYFILE for PROJECT; append it to CHAINFILE."""
+    old = load_private_key(Path(args.old))
+    new = load_public_key_arg(args.new)
+    out = Path(args.out)
+    chain = extend_chain(out, args.project, old, new)
+    print(
+        f"{args.project}: {public_key_string(old.public_key())} endorses "
+        f"{public_key_string(new)} -> {out} (rotations in the chain: {len(chain)}); "
+        f"pack every later bundle with --key NEWKEYFILE --endorsements {out}"
+    )
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -386,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("dir", metavar="DIR", help="project directory holding project.yaml")
     pack.add_argument("--key", required=True, metavar="KEYFILE", help="private key file")
     pack.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write")
+    pack.add_argument(
+        "--endorsements",
+        metavar="CHAINFILE",
+        help="key rotation chain (from `rotate`) leading to --key; needed after a rotation",
+    )
     pack.set_defaults(handler=cmd_pack)
 
     verify = sub.add_parser("verify", help="verify a bundle against a public key")
@@ -399,6 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("files", nargs="+", metavar="FILE")
     submit.add_argument("--inbox", required=True, metavar="DIR", help="the hub's inbox directory")
     submit.set_defaults(handler=cmd_submit)
+
+    rotate = sub.add_parser(
+        "rotate", help="endorse a new owner key with the old one (appends to a chain file)"
+    )
+    rotate.add_argument("--project", required=True, metavar="NAME", help="the project's name")
+    rotate.add_argument("--old", required=True, metavar="OLDKEYFILE", help="current private key")
+    rotate.add_argument(
+        "--new", required=True, metavar="NEWPUBKEY", help="new public key string or .pub file"
+    )
+    rotate.add_argument(
+        "--out", required=True, metavar="CHAINFILE", help="chain file to create or extend"
+    )
+    rotate.set_defaults(handler=cmd_rotate)
     return parser
 
 

@@ -54,9 +54,13 @@ class BundleFetcher(Fetcher):
     async def fetch(self, digest: str, project: str, size: int) -> Path:
         """The verified bundle directory, downloaded over the current connection if needed.
 
+        A cached bundle is re-verified first (``BundleCache.ready``); a corrupt one is
+        deleted and downloaded again.
+
         Raises:
-            BundleError: the bundle was refused (now or earlier): digest, signature,
-                project, a file's hash, or a chunk the hub should not have sent.
+            BundleError: the bundle was refused (now or earlier): digest, signature, owner
+                key (or its rotation), project, a file's hash, or a chunk the hub should
+                not have sent.
             FileTransferError: the hub stopped answering.
             ConnectionError: there is no connection, or it was lost meanwhile.
         """
@@ -64,8 +68,10 @@ class BundleFetcher(Fetcher):
             raise BundleError(f"{digest[:80]!r} is not a SHA-256 digest")
         if digest in self.cache.refused:
             raise BundleError(self.cache.refused[digest])
-        ready = self.cache.ready(digest)
+        # Re-verified before every use; a corrupt entry is deleted and fetched again.
+        ready = await asyncio.to_thread(self.cache.ready, digest)
         if ready is not None:
+            self.cache.check_owner(digest, project)
             return ready
         return await self.shared(digest, lambda: self._download(digest, project, size))
 
