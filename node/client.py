@@ -572,7 +572,9 @@ class NodeClient:
             with self.inputs.pinned(offer.files):  # never evicted while the task lives
                 inputs, outcome = await self._inputs_of(running)
                 if outcome is None and (inputs or not offer.files):
-                    outcome = await self._execute(offer, manifest, bundle_dir, inputs)
+                    bundle_dir, outcome = await self._bundle_again(offer, bundle_dir)
+                    if outcome is None:
+                        outcome = await self._execute(offer, manifest, bundle_dir, inputs)
         except asyncio.CancelledError:
             if not running.cancelled:
                 raise  # the node is going down, not this lease
@@ -585,8 +587,18 @@ class NodeClient:
         if outcome is None or running.cancelled:
             self.spool.discard_outputs(offer.lease)
         else:
-            self._deliver(offer, outcome)
+            await self._deliver(offer, outcome)
         self._send_ready()
+
+    async def _bundle_again(
+        self, offer: TaskOffer, bundle_dir: Path
+    ) -> tuple[Path, RunOutcome | None]:
+        """The bundle directory re-verified just before the run (a stat check unless it
+        changed since it was verified); a corrupt cache entry is fetched again."""
+        try:
+            return await self.bundles.fetch(offer.digest, offer.project, offer.size), None
+        except (BundleError, ConnectionError, FileTransferError) as exc:
+            return bundle_dir, failure(f"cannot have the project's bundle: {exc}")
 
     async def _inputs_of(self, running: Running) -> tuple[dict[str, Path], RunOutcome | None]:
         """The task's input files by name (waiting for a connection if need be); or a
@@ -635,7 +647,7 @@ class NodeClient:
         except ExecutionError as exc:  # e.g. an input the program cannot be given
             return failure(f"cannot run the task: {exc}")
 
-    def _deliver(self, offer: TaskOffer, outcome: RunOutcome) -> None:
+    async def _deliver(self, offer: TaskOffer, outcome: RunOutcome) -> None:
         outcome = _sendable(outcome)
         files = [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in outcome.output_files]
         if not outcome.ok:
@@ -662,7 +674,7 @@ class NodeClient:
             error = f"result cannot be sent: {exc}"
             record.update(ok=False, result=None, error=error, files=[])
             sign_record(self.identity, record)
-        self.spool.put(offer.lease, record)
+        await self.spool.put(offer.lease, record)
         log.info(
             "task %s/%s %s in %.2f s",
             offer.project,

@@ -53,6 +53,7 @@ import yaml
 
 from issc.errors import KeyFormatError
 from node.identity import node_id_in
+from node.spool import read_journal
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -543,7 +544,7 @@ class Node(Proc):
         """Leases whose results wait in the spool for the hub's acknowledgement."""
         if not self.spool.is_dir():
             return []
-        return sorted(int(p.stem) for p in self.spool.glob("*.json") if p.stem.isdigit())
+        return sorted(read_journal(self.spool).records)
 
     def wait_joined(self, hub: Hub, timeout: float = START_TIMEOUT) -> str:
         """Wait until the hub lists this node as connected; its node id."""
