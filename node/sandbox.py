@@ -48,7 +48,10 @@ When the node runs as root, task code runs as ``nobody``/``nogroup`` (65534) wit
 supplementary groups: with bubblewrap through ``setpriv`` inside the sandbox (which also
 clears the bounding set and sets no_new_privs), without it through Popen's user/group.
 The scratch directory is chowned to that uid, and RLIMIT_NPROC (``MAX_PROCESSES``,
-counted per uid: over all runs of the node together) bounds its processes.
+counted per uid: over all runs of the node together) bounds its processes. Without
+bubblewrap ``nobody`` must be able to start the node's interpreter: with ``sandbox: auto``
+the node checks that once, at start (``interpreter_unreachable``), and refuses to start,
+naming the ways out, where it cannot (a pyenv under /root, mode 0700).
 docs/security.md says what this protects and what it does not.
 """
 
@@ -127,19 +130,65 @@ def default_sandbox() -> Sandbox:
 def sandbox_for(setting: str) -> Sandbox:
     """The sandbox for the node config's ``sandbox`` key: auto, bubblewrap or none.
 
-    Raises ExecutionError for ``bubblewrap`` where it is not usable, or an unknown setting.
+    Raises ExecutionError for ``bubblewrap`` where it is not usable, for ``auto`` on a
+    root node without usable bubblewrap whose interpreter ``nobody`` cannot run (every
+    task would fail with "Permission denied"; the message names the ways out), or for an
+    unknown setting.
     """
     if setting == "none":
         _warn_unsandboxed()
         return Sandbox()
     sandbox = default_sandbox()
     if setting == "auto":
+        owner = task_owner(sandbox)
+        if sandbox.bwrap is None and owner is not None:
+            problem = interpreter_unreachable(owner)
+            if problem is not None:
+                raise ExecutionError(unreachable_interpreter_message(owner, problem))
         return sandbox
     if setting == "bubblewrap":
         if sandbox.bwrap is None:
             raise ExecutionError("sandbox: bubblewrap, but bwrap is not installed or not usable")
         return sandbox
     raise ExecutionError(f"unknown sandbox setting {setting!r}")
+
+
+def unreachable_interpreter_message(owner: tuple[int, int], problem: str) -> str:
+    """The one line a root node without bubblewrap refuses to start with (``sandbox:
+    auto``), naming the cause and the three ways out."""
+    return (
+        f"sandbox: auto: bubblewrap is not usable and this node runs as root, so task code "
+        f"would run as uid {owner[0]} (nobody), which cannot run this node's Python "
+        f"({problem}); install bubblewrap (the 'bubblewrap' package), or set 'sandbox: none' "
+        f"in the node config to accept reduced isolation, or install Python where uid "
+        f"{owner[0]} can reach it"
+    )
+
+
+@functools.cache
+def interpreter_unreachable(owner: tuple[int, int]) -> str | None:
+    """None if ``owner`` (uid, gid), with no supplementary groups, can start the node's own
+    interpreter as a task would (``python3`` entrypoints); else why not. Checked by doing
+    it, once: a Python under /root (pyenv, mode 0700) is the usual reason it cannot."""
+    argv = [sys.executable, *_PYTHON_FLAGS, "-c", "pass"]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            timeout=30,
+            check=False,
+            cwd="/",
+            env={"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"},
+            user=owner[0],
+            group=owner[1],
+            extra_groups=[],
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{sys.executable}: {getattr(exc, 'strerror', None) or exc}"
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip().splitlines()
+        return f"{sys.executable}: " + (detail[-1] if detail else f"exit {done.returncode}")
+    return None
 
 
 @functools.cache
