@@ -10,7 +10,6 @@ before the script exits. Exit status 0 means everything was computed and checked
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from issc.errors import ExecutionError
+from node.sandbox import sandbox_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -127,10 +129,12 @@ def main() -> int:
 
         step("volunteers: two nodes, two slots each")
         sandbox = "auto"
-        if os.geteuid() == 0 and shutil.which("bwrap") is None:
-            # As root without bubblewrap, task code would run as nobody, who cannot reach
+        try:
+            sandbox_for("auto")  # the node's own check at start
+        except ExecutionError as exc:
+            # As root without bubblewrap, task code would run as nobody, who may not reach
             # an interpreter under /root; the demo then runs it unconfined, and says so.
-            print("root without bubblewrap: the demo's nodes run tasks with sandbox: none")
+            print(f"{exc}\nso the demo's nodes run tasks with sandbox: none")
             sandbox = "none"
         for name in ("alice", "bob"):
             (RUN / f"{name}.yaml").write_text(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 from pathlib import Path
 
 from hub.blobs import ContentStore
@@ -20,8 +21,9 @@ from hub.scheduler import (
 )
 from hub.session import NodeSession
 from hub.store import Store
-from hub.transport import StreamTransport
+from hub.transport import ConnectionGate, StreamTransport
 from issc.config import Address, HubConfig
+from issc.protocol import Connection, Error, ErrorCode, Role
 from issc.tls import HANDSHAKE_TIMEOUT, ensure_self_signed, server_context
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,24 @@ def prepare_tls(config: HubConfig) -> ssl.SSLContext | None:
     context, digest = server_context(cert, key)
     log.info("TLS certificate %s, fingerprint %s", cert, digest)
     return context
+
+
+class _RefusalLog:
+    """Logs connections refused for a cap: the first at once, then at most one line a
+    second with the count (a flood of connections must not flood the log)."""
+
+    def __init__(self) -> None:
+        self.last = -1.0
+        self.unlogged = 0
+
+    def note(self, address: str, why: str) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            self.unlogged += 1
+            return
+        more = f" (and {self.unlogged} more refused since)" if self.unlogged else ""
+        log.warning("refused a connection from %s: %s%s", address, why, more)
+        self.last, self.unlogged = now, 0
 
 
 class Hub:
@@ -83,8 +103,23 @@ class Hub:
             config, store, scheduler, inbox, outbox, files, clock=clock
         )
 
+        limits = config.limits
+        gate = ConnectionGate(limits.max_connections, limits.max_connections_per_address)
+        refusals = _RefusalLog()
+
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await NodeSession(runtime, StreamTransport(reader, writer)).serve()
+            transport = StreamTransport(reader, writer)
+            refusal = gate.admit(transport.host)
+            if refusal is not None:
+                # One `limit` error, then the end; nothing of the connection is read.
+                refusals.note(transport.address, refusal)
+                error = Error(code=ErrorCode.LIMIT, message=refusal)
+                transport.send_and_close(Connection(Role.HUB).send(error))
+                return
+            try:
+                await NodeSession(runtime, transport, limits=limits).serve()
+            finally:
+                gate.release(transport.host)
 
         if tls is None:
             server = await asyncio.start_server(on_connect, config.listen.host, config.listen.port)

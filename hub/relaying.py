@@ -11,7 +11,10 @@ speak for a peer (it cannot sign as the peer).
 Bounds: at most ``MAX_PEERS`` peers per relay, relays nested at most
 ``MAX_RELAY_DEPTH`` deep, and at most ``MAX_QUEUED_BYTES`` of a peer's frames waiting for
 its session (beyond that the relay's connection waits: backpressure, never unbounded
-memory).
+memory). A frame handed to a peer's session counts against that session's message
+rate, never the relay's; frames for peers whose session is over slow the relay down
+beyond a rate, never end it (``NodeSession._count``). The idle and unread-data limits
+watch the relay's connection, not the peers' sessions.
 """
 
 from __future__ import annotations
@@ -70,16 +73,18 @@ class RelayedTransport:
         self._changed.set()
         return frame
 
-    async def put(self, frame: bytes) -> None:
-        """Queue a frame from the relay; waits while too much is queued already."""
+    async def put(self, frame: bytes) -> bool:
+        """Queue a frame from the relay; waits while too much is queued already. False if
+        the peer's session is over (the frame is dropped)."""
         while self._queued > MAX_QUEUED_BYTES and not (self._ended or self._closed):
             self._changed.clear()
             await self._changed.wait()
         if self._ended or self._closed:
-            return
+            return False
         self._frames.append(frame)
         self._queued += len(frame)
         self._changed.set()
+        return True
 
     def end(self) -> None:
         """The peer's connection is over (said by the relay, or the relay is gone)."""
@@ -100,6 +105,11 @@ class RelayedTransport:
         self._changed.set()
         if not self._ended:
             self.relay.send(PeerClosed(peer=self.peer, reason="closed by the hub"))
+
+    def abort(self) -> None:
+        """Nothing of a peer's is queued here (its frames wait in the relay's connection,
+        which the relay's session watches): the same as ``close``."""
+        self.close()
 
 
 class RelayedPeers:
@@ -160,8 +170,9 @@ class RelayedPeers:
             self._peers.pop(transport.peer, None)
             transport.close()
 
-    async def relayed(self, message: Relayed) -> None:
-        """Hand a frame to its peer's session.
+    async def relayed(self, message: Relayed) -> bool:
+        """Hand a frame to its peer's session; False if that session is over (the frame
+        is dropped).
 
         Raises:
             RemoteProtocolError: the peer number was never opened.
@@ -170,8 +181,8 @@ class RelayedPeers:
         if transport is None:
             if message.peer > self._highest:
                 raise RemoteProtocolError(f"relayed: peer {message.peer} was never opened")
-            return  # its session ended meanwhile; the relay hears peer_closed
-        await transport.put(message.frame)
+            return False  # its session ended meanwhile; the relay hears peer_closed
+        return await transport.put(message.frame)
 
     def closed(self, message: PeerClosed) -> None:
         transport = self._peers.get(message.peer)

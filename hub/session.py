@@ -18,6 +18,7 @@ from hub import events as ev
 from hub.changes import FileInfo
 from hub.relaying import ENVELOPE_OVERHEAD, RelayedPeers, RelayedTransport
 from hub.transport import Transport
+from issc.config import HubLimits
 from issc.errors import (
     AuthError,
     IsscError,
@@ -69,10 +70,52 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds from connect to a verified proof
-MAX_WRITE_BUFFER = 16 * 1024 * 1024  # a node that reads slower than this is dropped
+# Idle timeout: a connection on which no whole frame arrived for IDLE_BEATS heartbeat
+# intervals plus IDLE_SLACK seconds is ended (error `limit`). Nodes send a heartbeat every
+# interval whether or not they hold leases, so only a dead or stalling peer meets it. The
+# clock restarts on a complete frame, never on bytes: one byte every few seconds (a
+# "slow loris") does not keep a connection. It runs from the moment the session is ready
+# for the next frame, so time the hub itself spends on a message is not the node's.
+IDLE_BEATS = 2
+IDLE_SLACK = 1.0
+# Unsent data: above WRITE_HIGH_WATER for longer than limits.write_timeout, or above
+# MAX_WRITE_BUFFER at any time, and the connection is cut off (no error frame could get
+# through). A node fetches stop-and-wait, one chunk (1 MiB) per download at a time, so an
+# honest node stays far below the mark unless its link is very slow and very busy.
+WRITE_HIGH_WATER = 8 * 1024 * 1024
+MAX_WRITE_BUFFER = 16 * 1024 * 1024
+WRITE_POLL = 0.1  # seconds between looks at the backlog while it is above the mark
+# Envelopes a relay sends for peers whose session is over (see NodeSession._count): at
+# most SPILL_FACTOR times a connection's rate and burst, then the relay is slowed down.
+SPILL_FACTOR = 16
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MAX_SLOTS = 1024
 MAX_TOKEN_LEN = 256
+
+
+class LimitExceeded(Exception):
+    """The node went over one of the hub's limits; the message says which."""
+
+
+class TokenBucket:
+    """At most ``rate`` messages a second on average and ``burst`` at once."""
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float, rate: float, burst: float) -> bool:
+        """Take one token (True), or there is none left (False)."""
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def wait(self, rate: float) -> float:
+        """Seconds until the next token (after a ``take`` that failed)."""
+        return max(0.0, (1.0 - self.tokens) / rate)
 
 
 class NodeSession:
@@ -84,11 +127,25 @@ class NodeSession:
         transport: Transport,
         *,
         via: NodeSession | None = None,
+        limits: HubLimits | None = None,
     ) -> None:
         """Serve ``transport``: a TCP connection, or a peer's frames carried by the relay
-        session ``via``."""
+        session ``via`` (whose limits a peer's session shares)."""
         self.runtime = runtime
         self.transport = transport
+        self.limits: HubLimits = via.limits if via is not None else limits or HubLimits()
+        loop = asyncio.get_running_loop()
+        self._bucket = TokenBucket(self.limits.message_burst, loop.time())
+        self._spill = TokenBucket(self.limits.message_burst * SPILL_FACTOR, loop.time())
+        # A peer behind a relay has no connection of its own: the relay's is watched
+        # (idle, unread data). A peer's frames may wait behind other peers' in the relay
+        # (backpressure, hub.relaying), so its silence alone is not held against it; the
+        # lease window (heartbeat_misses) still ends a session that says nothing.
+        self.idle_timeout: float | None = (
+            None if via is not None else IDLE_BEATS * runtime.config.heartbeat_interval + IDLE_SLACK
+        )
+        self._write_watch: asyncio.Task[None] | None = None
+        self.welcomed = False  # the runtime sends nothing but welcome before it
         self.relay = via
         self.via: str | None = via.node_id if via is not None else None
         self.depth: int = via.depth + 1 if via is not None else 0  # relays between us
@@ -123,7 +180,14 @@ class NodeSession:
 
     async def serve(self) -> None:
         try:
-            hello = await asyncio.wait_for(self._authenticate(), HANDSHAKE_TIMEOUT)
+            try:
+                hello = await asyncio.wait_for(self._authenticate(), HANDSHAKE_TIMEOUT)
+            except TimeoutError:
+                log.info("%s: no hello and proof within %s s", self.address, HANDSHAKE_TIMEOUT)
+                self._send_error(
+                    ErrorCode.LIMIT, f"no hello and verified proof within {HANDSHAKE_TIMEOUT:g} s"
+                )
+                return
             if hello is None or not await self._enroll(hello):
                 return
             while not self.closed:
@@ -137,8 +201,9 @@ class NodeSession:
         except RemoteProtocolError as exc:
             log.warning("node %s (%s): protocol error: %s", self.node_id, self.address, exc)
             self._send_error(ErrorCode.PROTOCOL, str(exc))
-        except TimeoutError:
-            log.info("%s: no hello and proof within %s s", self.address, HANDSHAKE_TIMEOUT)
+        except LimitExceeded as exc:
+            log.warning("node %s (%s): %s; disconnecting", self.node_id, self.address, exc)
+            self._send_error(ErrorCode.LIMIT, str(exc))
         except (ConnectionError, OSError) as exc:
             log.info("node %s (%s): connection lost: %s", self.node_id, self.address, exc)
         except StoreError as exc:  # a bundle or a stored offer could not be read
@@ -150,16 +215,65 @@ class NodeSession:
                 self.runtime.detach(self)
 
     async def _next_message(self) -> Message | None:
-        """The next message, or None at a clean end of the connection."""
+        """The next message, or None at a clean end of the connection.
+
+        Raises:
+            LimitExceeded: no whole frame within the idle timeout, or the node sends
+                faster than ``limits.messages_per_second`` allows.
+        """
+        loop = asyncio.get_running_loop()
+        idle = self.idle_timeout
+        deadline = loop.time() + idle if idle is not None else None
         while True:
             event = self.conn.next_event()
             if event is CLOSED:
                 return None
             if event is not NEED_DATA:
                 assert isinstance(event, Message)
+                if not isinstance(event, Relayed):  # charged in _on_relayed
+                    self._count(loop.time())
                 return event
-            data = await self.transport.read()
+            if deadline is None:
+                data = await self.transport.read()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        data = await self.transport.read()
+                except TimeoutError:
+                    assert idle is not None
+                    raise LimitExceeded(
+                        f"no complete message in {idle:g} s (idle timeout: "
+                        f"{IDLE_BEATS} x heartbeat_interval + {IDLE_SLACK:g} s)"
+                    ) from None
             self.conn.receive_data(data)
+
+    def _count(self, now: float) -> None:
+        """Charge one message to this session's token bucket.
+
+        Every message is charged once, to the session whose conversation it is. A relay's
+        connection carries its peers' frames: an envelope (``relayed``) handed to a live
+        peer's session is charged to that session, which reads the frame like any node's,
+        and not to the relay's; the relay's own messages, ``peer_opened`` and
+        ``peer_closed`` are charged to the relay. So a busy relay never trips its own
+        limit with its peers' traffic, and each peer has the allowance of a direct node.
+        Envelopes for a peer whose session is over are not charged to anyone who could be
+        closed for them: when the hub ends a flooding peer, whatever the peer had sent
+        until then is still on its way through the relay's connection (thousands of small
+        frames in the socket buffers), and that must not cost an honest relay, and all
+        its other peers, their connection. They go through a separate, larger bucket
+        (_spill: SPILL_FACTOR times the rate and burst); beyond it the hub slows its
+        reading of the relay down rather than closing it, so a relay that sends such
+        envelopes on purpose still gets no more than that rate out of the hub.
+
+        Raises:
+            LimitExceeded: over the rate.
+        """
+        limits = self.limits
+        if not self._bucket.take(now, limits.messages_per_second, limits.message_burst):
+            raise LimitExceeded(
+                f"more than {limits.messages_per_second:g} messages a second, "
+                f"{limits.message_burst} at once (limits.messages_per_second, message_burst)"
+            )
 
     async def _authenticate(self) -> Hello | None:
         """hello, challenge, proof: the hello once its proof verified, else None (the
@@ -232,6 +346,21 @@ class NodeSession:
         """Queue a message; a node that does not keep up with its data is dropped."""
         if self.closed:
             return
+        if self.node_id is not None and not self.welcomed:
+            # Enrolled, in the runtime's `sessions`, but its NodeJoined not handled yet
+            # (later in this batch, or in the next one); the protocol allows nothing but
+            # `welcome` before `welcome`. Whatever the scheduler told this node meanwhile
+            # (a cancel, an offer, a result_ack) came from events handled *before* its
+            # NodeJoined, and the welcome itself settles it, so it is skipped, not queued.
+            # A lease cancelled or superseded before NodeJoined is no longer live then:
+            # `resumed` leaves it out and the node stops it (rule 7); a result for it is
+            # refused, since cancels go only to leases of finished tasks, so no lease that
+            # another node now holds is completed twice. An offer not sent ends at
+            # NodeJoined (the node does not list it); an ack not sent makes the node send
+            # its spooled result again, and it is acknowledged then (docs/reliability.md,
+            # "cancel before welcome").
+            log.debug("node %s: not welcomed yet; %s not sent", self.node_id, message.TAG)
+            return
         try:
             self.transport.write(self.conn.send(message))
         except LocalProtocolError:
@@ -241,12 +370,48 @@ class NodeSession:
         except (ConnectionError, RuntimeError):
             self.close()
             return
-        if self.transport.backlog() > MAX_WRITE_BUFFER:
-            log.warning("node %s: not reading its data; disconnecting", self.node_id)
-            self.close()
+        self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        """Cut off a node that does not take its data: at once above MAX_WRITE_BUFFER,
+        after ``limits.write_timeout`` seconds above WRITE_HIGH_WATER. For a peer behind a
+        relay the backlog is the relay's connection's, watched by the relay's session."""
+        backlog = self.transport.backlog()
+        if backlog > MAX_WRITE_BUFFER:
+            self._cut_off(f"{backlog} bytes unsent, over {MAX_WRITE_BUFFER}")
+        elif backlog > WRITE_HIGH_WATER and self.relay is None and self._write_watch is None:
+            self._write_watch = asyncio.create_task(self._watch_writes())
+
+    async def _watch_writes(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.write_timeout
+        deadline = loop.time() + timeout
+        try:
+            while not self.closed and self.transport.backlog() > WRITE_HIGH_WATER:
+                if loop.time() >= deadline:
+                    self._cut_off(
+                        f"over {WRITE_HIGH_WATER} bytes unsent for {timeout:g} s "
+                        "(limits.write_timeout)"
+                    )
+                    return
+                await asyncio.sleep(min(WRITE_POLL, max(0.0, deadline - loop.time())))
+        finally:
+            self._write_watch = None
+
+    def _cut_off(self, why: str) -> None:
+        """End the connection dropping what is queued: the node does not read it."""
+        log.warning(
+            "node %s (%s): not reading its data (%s); disconnecting",
+            self.node_id,
+            self.address,
+            why,
+        )
+        self.close()
+        self.transport.abort()
 
     def send_welcome(self, resumed: tuple[int, ...]) -> None:
         assert self.node_id is not None
+        self.welcomed = True
         settings = self.runtime.config
         self.send(
             Welcome(
@@ -458,7 +623,16 @@ class NodeSession:
     async def _on_relayed(self, message: Relayed) -> None:
         if self.peers is None:
             raise RemoteProtocolError(f"relayed: peer {message.peer} was never opened")
-        await self.peers.relayed(message)
+        if not await self.peers.relayed(message):
+            await self._spilled()
+
+    async def _spilled(self) -> None:
+        """An envelope no session took: throttled, never a reason to close (see _count)."""
+        loop = asyncio.get_running_loop()
+        rate = self.limits.messages_per_second * SPILL_FACTOR
+        burst = self.limits.message_burst * SPILL_FACTOR
+        while not self._spill.take(loop.time(), rate, burst):
+            await asyncio.sleep(self._spill.wait(rate))
 
     def _on_peer_closed(self, message: PeerClosed) -> None:
         if self.peers is not None:

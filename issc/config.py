@@ -27,7 +27,11 @@ DEFAULT_HUB_PORT = 7411
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _HUB_KEYS = {
     "listen", "data_dir", "database", "heartbeat_interval", "heartbeat_misses",
-    "offer_timeout", "max_attempts", "registration", "control_socket", "tls",
+    "offer_timeout", "max_attempts", "registration", "control_socket", "tls", "limits",
+}  # fmt: skip
+_LIMIT_KEYS = {
+    "max_connections", "max_connections_per_address", "messages_per_second", "message_burst",
+    "write_timeout",
 }  # fmt: skip
 _NODE_KEYS = {
     "hub", "volunteer", "token", "data_dir", "projects", "trusted_keys", "slots", "relay", "tls",
@@ -83,6 +87,19 @@ class DiscoverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HubLimits:
+    """What one remote address or connection may take of the hub (docs/protocol.md,
+    "Limits"); ``limits:`` in the hub config."""
+
+    max_connections: int = 10_000  # node connections open at once, in total
+    # From one IP address at once: a LAN behind one NAT address is many volunteers.
+    max_connections_per_address: int = 256
+    messages_per_second: float = 1000.0  # sustained, per connection (token bucket rate)
+    message_burst: int = 2000  # messages a connection may send at once (bucket size)
+    write_timeout: float = 10.0  # seconds a node may leave too much of its data unread
+
+
+@dataclass(frozen=True, slots=True)
 class HubConfig:
     listen: Address
     data_dir: Path
@@ -94,6 +111,7 @@ class HubConfig:
     registration: Literal["open", "closed"]
     control_socket: Path | None
     tls: ServerTls | None
+    limits: HubLimits = HubLimits()
 
     @property
     def database_url(self) -> str:
@@ -292,6 +310,27 @@ def load_hub_config(path: Path | None) -> HubConfig:
         registration=r.get("registration", "open", _choice("open", "closed"), "open or closed"),
         control_socket=r.path("control_socket", None),
         tls=tls,
+        limits=_hub_limits(r),
+    )
+
+
+def _hub_limits(r: _Reader) -> HubLimits:
+    default = HubLimits()
+    s = r.sub("limits")
+    if s is None:
+        return default
+    s.reject_unknown(_LIMIT_KEYS)
+    count, number = "a positive integer", "a positive number"
+    return HubLimits(
+        max_connections=s.get("max_connections", default.max_connections, _positive_int, count),
+        max_connections_per_address=s.get(
+            "max_connections_per_address", default.max_connections_per_address, _positive_int, count
+        ),
+        messages_per_second=s.get(
+            "messages_per_second", default.messages_per_second, _positive_float, number
+        ),
+        message_burst=s.get("message_burst", default.message_burst, _positive_int, count),
+        write_timeout=s.get("write_timeout", default.write_timeout, _positive_float, number),
     )
 
 

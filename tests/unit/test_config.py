@@ -504,7 +504,7 @@ def test_example_hub_config_shows_every_hub_key() -> None:
     keys = set(yaml.safe_load((CONFIGS / "hub.yaml").read_text()))
     assert keys == {
         "listen", "data_dir", "database", "heartbeat_interval", "heartbeat_misses",
-        "offer_timeout", "max_attempts", "registration", "control_socket", "tls",
+        "offer_timeout", "max_attempts", "registration", "control_socket", "tls", "limits",
     }  # fmt: skip
 
 
