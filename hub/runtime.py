@@ -25,7 +25,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -42,6 +42,7 @@ from hub.retry import brief, is_disk_full
 from hub.scheduler import Scheduler, Snapshot
 from hub.session import NodeSession
 from hub.store import AsyncStore, Store
+from hub.store_inbox import OfferPayload
 from issc.config import HubConfig
 from issc.errors import AuthError, StoreError
 from issc.keys import parse_public_key
@@ -560,10 +561,16 @@ class HubRuntime:
                     await asyncio.to_thread(self._discard_uploads, finished)
                 except OSError as exc:  # left for the next round that finishes a task
                     log.warning("uploads: cannot remove partial uploads: %s", exc)
+        # One read for the payloads of every offer of the round, not one per node: with
+        # thousands of nodes asking for one task each, that is thousands of queries.
+        offered = [
+            item.task_pk for m in messages if isinstance(m, ev.SendOffers) for item in m.items
+        ]
+        payloads = await self.astore.call(self.store.offer_payloads, offered) if offered else {}
         for message in messages:
-            await self._deliver(message)
+            self._deliver(message, payloads)
 
-    async def _deliver(self, message: ev.Message) -> None:
+    def _deliver(self, message: ev.Message, payloads: Mapping[int, OfferPayload]) -> None:
         session = self.sessions.get(message.node_id)
         if session is None:
             return  # gone: its leases expire on their own
@@ -571,7 +578,7 @@ class HubRuntime:
             case ev.SendWelcome():
                 session.send_welcome(message.resumed)
             case ev.SendOffers():
-                await self._send_offers(session, message.items)
+                self._send_offers(session, message.items, payloads)
             case ev.SendCancel():
                 session.send(Cancel(leases=list(message.leases), reason=message.reason))
             case ev.SendResultAck():
@@ -582,8 +589,12 @@ class HubRuntime:
                 log.warning("node %s: %s; disconnecting", message.node_id, message.reason)
                 session.close()
 
-    async def _send_offers(self, session: NodeSession, items: Sequence[ev.OfferItem]) -> None:
-        payloads = await self.astore.call(self.store.offer_payloads, [i.task_pk for i in items])
+    def _send_offers(
+        self,
+        session: NodeSession,
+        items: Sequence[ev.OfferItem],
+        payloads: Mapping[int, OfferPayload],
+    ) -> None:
         batch: list[TaskOffer] = []
         size = 0
         for item in items:

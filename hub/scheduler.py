@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -204,6 +205,8 @@ class Scheduler:
         self.untrusted: dict[str, int] = {}  # volunteer -> agreements in a row since distrusted
         self.pending_tasks: dict[str, set[int]] = {}  # volunteer -> tasks with its pending results
         self.next_lease_id = 1
+        self.hungry: dict[str, None] = {}  # connected nodes with demand > 0, in join order
+        self.next_silence_check = 0.0  # no node's heartbeat window ends before this
         self._out: list[Instruction] = []
         if snapshot is not None:
             self._restore(snapshot, now)
@@ -280,14 +283,14 @@ class Scheduler:
             case NodeLeft():
                 if (node := self.nodes.get(event.node_id)) is not None:
                     node.connected = False
-                    node.demand = 0
+                    self._set_demand(node, 0)
             case HeartbeatReceived():
                 self._touch(event.node_id, event.now)
             case SlotsFree():
                 if (node := self._touch(event.node_id, event.now)) is not None:
                     # The node counts only what runs; offers still in flight are ours to count.
                     outstanding = sum(1 for lid in node.leases if not self.leases[lid].accepted)
-                    node.demand = max(0, event.free - outstanding)
+                    self._set_demand(node, max(0, event.free - outstanding))
             case OffersAccepted():
                 self._accept(event)
             case LeasesDeclined():
@@ -347,8 +350,10 @@ class Scheduler:
         node.volunteer = event.volunteer
         node.projects = event.projects
         node.connected = True
-        node.demand = 0
+        self._set_demand(node, 0)
         node.last_seen = event.now
+        deadline = event.now + self.settings.lease_window
+        self.next_silence_check = min(self.next_silence_check, deadline)
         held = set(event.held_leases)
         resumed = tuple(sorted(lid for lid in node.leases if lid in held))
         for lease_id in sorted(node.leases - held):
@@ -359,9 +364,15 @@ class Scheduler:
         self._out.append(SendWelcome(node.node_id, resumed))
 
     def _expire_silent_nodes(self, now: float) -> None:
+        # A scan of every node is due only when the earliest silence deadline has passed
+        # (heartbeats only move deadlines later): per round that is O(1), not O(nodes).
+        if now < self.next_silence_check:
+            return
         window = self.settings.lease_window
+        earliest = math.inf
         for node in list(self.nodes.values()):
             if now - node.last_seen <= window:
+                earliest = min(earliest, node.last_seen + window)
                 continue
             if node.leases:
                 detail = f"no heartbeat for {now - node.last_seen:.1f} s"
@@ -369,16 +380,32 @@ class Scheduler:
                     self._end_lease(lease_id, LeaseOutcome.LOST, detail, now)
             if node.connected:
                 node.connected = False
-                node.demand = 0
+                self._set_demand(node, 0)
                 self._out.append(Disconnect(node.node_id, "missed heartbeats"))
             if not node.connected and not node.leases:
                 del self.nodes[node.node_id]
+        self.next_silence_check = earliest
 
     # ---- offers and leases ------------------------------------------------------------
 
+    def _set_demand(self, node: NodeRec, demand: int) -> None:
+        node.demand = demand
+        if demand > 0 and node.connected:
+            self.hungry[node.node_id] = None
+        else:
+            self.hungry.pop(node.node_id, None)
+
     def _assign(self, now: float) -> None:
-        for node in self.nodes.values():
-            if not node.connected or node.demand <= 0:
+        # Only nodes that want work are visited, and only while work is queued: with
+        # thousands of idle nodes connected, a round costs nothing when the queues are empty.
+        if not self.hungry or not self._work_queued():
+            return
+        for node_id in list(self.hungry):
+            if not self._work_queued():
+                return
+            node = self.nodes.get(node_id)
+            if node is None or not node.connected or node.demand <= 0:
+                self.hungry.pop(node_id, None)
                 continue
             items: list[OfferItem] = []
             while node.demand > 0:
@@ -388,8 +415,14 @@ class Scheduler:
                 task, project = picked
                 items.append(self._offer(task, project, node, now))
                 node.demand -= 1
+            if node.demand <= 0:
+                self.hungry.pop(node_id, None)
             if items:
                 self._out.append(SendOffers(node.node_id, tuple(items)))
+
+    def _work_queued(self) -> bool:
+        """Whether any queue holds a task key (perhaps a stale one, skipped when popped)."""
+        return any(self.queues.values()) or any(self.replica_queues.values())
 
     def _next_task_for(self, node: NodeRec) -> tuple[TaskRec, ProjectInfo] | None:
         names = node.projects

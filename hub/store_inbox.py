@@ -15,6 +15,8 @@ from hub.db import INBOX_FILES, TASK_INPUTS, TASKS, StoreBase, chunks, insert_bl
 from hub.models import Blob, Bundle, InboxFile, Project, Task, TaskInput
 from issc.errors import StoreError, TaskFileError
 
+OfferPayload = tuple[str, str, list[FileInfo]]  # (task id, input JSON, input files)
+
 
 @dataclass(frozen=True, slots=True)
 class TaskEntry:
@@ -141,9 +143,9 @@ class InboxStore(StoreBase):
                     f"duplicate task id {first.task_id!r}: the project already has it", first.line
                 )
 
-    def offer_payloads(self, pks: Sequence[int]) -> dict[int, tuple[str, str, list[FileInfo]]]:
+    def offer_payloads(self, pks: Sequence[int]) -> dict[int, OfferPayload]:
         """task key -> (task id, input JSON, input files) for building offers."""
-        out: dict[int, tuple[str, str, list[FileInfo]]] = {}
+        out: dict[int, OfferPayload] = {}
         with self.engine.connect() as conn:
             for chunk in chunks(pks):
                 rows = conn.execute(
