@@ -49,6 +49,18 @@ class LeaseEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseResultRefused:
+    """A result for a lease that had already ended without one (lost, expired) was
+    refused (it contradicted the task's known answer): the lease's outcome becomes
+    ``rejected`` (its end time stays), so that it takes no other result, after a restart
+    too, and the task does not go back to the volunteer."""
+
+    lease: int
+    detail: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class TaskUpdated:
     task_pk: int
     state: TaskState
@@ -126,6 +138,7 @@ Change = (
     LeaseOffered
     | LeaseAccepted
     | LeaseEnded
+    | LeaseResultRefused
     | TaskUpdated
     | TaskFinished
     | ProjectPauseChanged

@@ -32,6 +32,7 @@ from hub.changes import (
     LeaseEnded,
     LeaseOffered,
     LeaseOutcome,
+    LeaseResultRefused,
     ProjectPauseChanged,
     ResultJudged,
     ResultPending,
@@ -84,6 +85,14 @@ TRUST_AFTER = 10
 MAX_SKIPS = 8
 # The ack of a result that is not taken, whatever the reason: never says "spot check".
 NOT_ACCEPTED = "result not accepted"
+# The ack of a second result for a lease that ended with its first one (docs/protocol.md,
+# section 7, rule 5): the same words whatever the first one was (a success, a code
+# error, a refused answer), so that it tells a spot-check liar nothing either.
+ALREADY_ENDED = "lease already ended with a result"
+# How a lease ends with its own result: such a lease takes no other one.
+RESULT_OUTCOMES = frozenset(
+    {LeaseOutcome.COMPLETED, LeaseOutcome.CODE_ERROR, LeaseOutcome.REJECTED}
+)
 
 # Where a task's key waits (TaskRec.queued).
 NOT_QUEUED, IN_QUEUE, IN_REPLICAS = 0, 1, 2
@@ -151,6 +160,11 @@ class LeaseRec:
     node_id: str
     accepted: bool
     offered_at: float
+    # The volunteer of the lease's node, known for as long as the lease is (a node record
+    # may be gone before a late result arrives); "" only if nobody knows: never trusted.
+    volunteer: str = ""
+    # Why it ended (LeaseOutcome), None while live; one of RESULT_OUTCOMES: its result came.
+    outcome: str | None = None
 
 
 @dataclass(slots=True)
@@ -230,7 +244,8 @@ class Scheduler:
         )
 
     def trusted(self, volunteer: str) -> bool:
-        return volunteer not in self.untrusted
+        """Whether the volunteer's results may count alone; one nobody knows ("") may not."""
+        return bool(volunteer) and volunteer not in self.untrusted
 
     # ---- restore ----------------------------------------------------------------------
 
@@ -242,6 +257,8 @@ class Scheduler:
         for task in snap.tasks:
             self.tasks[task.pk] = task
         for lease in snap.leases:
+            if not lease.volunteer:
+                lease.volunteer = snap.node_volunteers.get(lease.node_id, "")
             self.leases[lease.id] = lease
             node = self.nodes.get(lease.node_id)
             if node is None:
@@ -254,6 +271,8 @@ class Scheduler:
             if not lease.accepted:
                 self.offered[lease.id] = now + self.settings.offer_timeout
         for lease in snap.past_leases:
+            if not lease.volunteer:
+                lease.volunteer = snap.node_volunteers.get(lease.node_id, "")
             self.past_leases[lease.id] = lease
         for rec in snap.pending:
             if (holder := self.tasks.get(rec.task_pk)) is not None:
@@ -336,10 +355,6 @@ class Scheduler:
         return [
             lid for lid in lease_ids if (lease := self.leases.get(lid)) and lease.node_id == node_id
         ]
-
-    def _volunteer_of(self, node_id: str) -> str:
-        node = self.nodes.get(node_id)
-        return node.volunteer if node is not None else ""
 
     # ---- nodes ------------------------------------------------------------------------
 
@@ -496,7 +511,7 @@ class Scheduler:
         if volunteer in task.rejected:
             return True
         for lease_id in task.leases:
-            if self._volunteer_of(self.leases[lease_id].node_id) == volunteer:
+            if self.leases[lease_id].volunteer == volunteer:
                 return True
         return any(p.volunteer == volunteer for p in task.pending)
 
@@ -535,7 +550,9 @@ class Scheduler:
     def _offer(self, task: TaskRec, project: ProjectInfo, node: NodeRec, now: float) -> OfferItem:
         lease_id = self.next_lease_id
         self.next_lease_id += 1
-        self.leases[lease_id] = LeaseRec(lease_id, task.pk, node.node_id, False, now)
+        self.leases[lease_id] = LeaseRec(
+            lease_id, task.pk, node.node_id, False, now, node.volunteer
+        )
         self.offered[lease_id] = now + self.settings.offer_timeout
         node.leases.add(lease_id)
         task.state = next_state(task.state, TaskEvent.OFFER)
@@ -579,6 +596,7 @@ class Scheduler:
     def _drop_lease(self, lease_id: int, outcome: str, detail: str | None, now: float) -> LeaseRec:
         """Remove a live lease everywhere, keep it for late results, record why it ended."""
         lease = self.leases.pop(lease_id)
+        lease.outcome = outcome
         self.offered.pop(lease_id, None)
         if (node := self.nodes.get(lease.node_id)) is not None:
             node.leases.discard(lease_id)
@@ -695,7 +713,6 @@ class Scheduler:
 
     def _cancel_task(self, task: TaskRec, lease: LeaseRec | None, event: ProjectCancelled) -> None:
         task.state = next_state(task.state, TaskEvent.CANCEL)
-        node = self.nodes.get(lease.node_id) if lease is not None else None
         self._out.append(
             TaskFinished(
                 task_pk=task.pk,
@@ -703,7 +720,7 @@ class Scheduler:
                 attempts=task.attempts,
                 lease=lease.id if lease is not None else None,
                 node_id=lease.node_id if lease is not None else None,
-                volunteer=node.volunteer if node else None,
+                volunteer=(lease.volunteer or None) if lease is not None else None,
                 result=None,
                 error=event.reason,
                 cpu_seconds=0.0,
@@ -729,15 +746,19 @@ class Scheduler:
         if task.answered and lease.id in task.answered:
             self._ack(event, False, "result already recorded")  # sent twice
             return
+        if lease.outcome in RESULT_OUTCOMES:
+            # Its one result came already (a code error, a refused answer): rule 5.
+            self._ack(event, False, ALREADY_ENDED)
+            return
         if not event.ok:
             self._code_error(task, lease, event)
             return
         project = self.projects[task.project_id]
-        volunteer = self._volunteer_of(lease.node_id)
+        volunteer = lease.volunteer  # not its node record's: that may be gone by now
         if (
             project.quorum > 1
             or task.pending
-            or volunteer in self.untrusted
+            or not self.trusted(volunteer)
             or task.pk in self.expected
         ):
             self._checked_result(task, project, lease, volunteer, event)
@@ -782,7 +803,6 @@ class Scheduler:
         elif task.leases:
             self._end_replicas(task, "task failed", "task failed elsewhere", now)
         task.state = next_state(task.state, event)
-        node = self.nodes.get(lease.node_id)
         self._out.append(
             TaskFinished(
                 task_pk=task.pk,
@@ -790,7 +810,7 @@ class Scheduler:
                 attempts=task.attempts,
                 lease=lease.id,
                 node_id=lease.node_id or None,
-                volunteer=node.volunteer if node else None,
+                volunteer=lease.volunteer or None,
                 result=result.result if result and result.ok else None,
                 error=error,
                 cpu_seconds=self._credited_cpu(task, result),
@@ -999,7 +1019,12 @@ class Scheduler:
                 task.attempts += 1
             self._give_up_or_retry(task, lease, LeaseOutcome.REJECTED, NOT_ACCEPTED, now)
         else:
-            self._leave_main_queue(task)  # a late answer: the task may wait for anyone
+            # A late answer: it is the lease's one result all the same (no second try at
+            # the known answer), recorded with the lease so that a restart knows it too.
+            detail = f"{NOT_ACCEPTED}, after the lease ended ({lease.outcome})"
+            lease.outcome = LeaseOutcome.REJECTED
+            self._out.append(LeaseResultRefused(lease.id, detail, now))
+            self._leave_main_queue(task)  # the task may wait for anyone
             self._queue(task)
         self._ack(event, False, NOT_ACCEPTED)
 

@@ -20,6 +20,8 @@ from hub.changes import (
     LeaseAccepted,
     LeaseEnded,
     LeaseOffered,
+    LeaseOutcome,
+    LeaseResultRefused,
     ProjectPauseChanged,
     ResultJudged,
     ResultPending,
@@ -83,12 +85,18 @@ class SchedulerStore(StoreBase):
             )
             for pk, project_id in waiting:
                 snap.waiting.setdefault(project_id, []).append(pk)
+            # A lease knows its node's volunteer (trust and credit), node record or not.
+            nodes = conn.execute(select(Node.id, Volunteer.name).join(Volunteer)).all()
+            snap.node_volunteers = volunteers = {node_id: name for node_id, name in nodes}
             live = conn.execute(
                 select(Lease.id, Lease.task_id, Lease.node_id, Lease.accepted_at, Lease.offered_at)
                 .where(Lease.ended_at.is_(None))
                 .order_by(Lease.id)  # offers expire in the order they were made
             ).all()
-            snap.leases = [LeaseRec(r[0], r[1], r[2], r[3] is not None, r[4]) for r in live]
+            snap.leases = [
+                LeaseRec(r[0], r[1], r[2], r[3] is not None, r[4], volunteers.get(r[2], ""))
+                for r in live
+            ]
             # Unfinished tasks that have had leases carry attempts and history.
             unfinished = select(Task.id).where(Task.state.in_(["NA", "TA", "A"]))
             rows = conn.execute(
@@ -115,19 +123,22 @@ class SchedulerStore(StoreBase):
                 .where(Lease.ended_at.is_not(None), Lease.task_id.in_(unfinished))
                 .order_by(Lease.id)
             ).all()
-            nodes = conn.execute(select(Node.id, Volunteer.name).join(Volunteer)).all()
-            snap.node_volunteers = {node_id: name for node_id, name in nodes}
             for lease_id, task_pk, node_id, accepted_at, offered_at, outcome in past:
                 task = tasks.get(task_pk)
                 if task is None:
                     continue
                 accepted = accepted_at is not None
-                snap.past_leases.append(LeaseRec(lease_id, task_pk, node_id, accepted, offered_at))
+                volunteer = volunteers.get(node_id, "")
+                # The outcome says whether the lease ended with its result (it takes no
+                # other one) or without (a late result may still count).
+                snap.past_leases.append(
+                    LeaseRec(lease_id, task_pk, node_id, accepted, offered_at, volunteer, outcome)
+                )
                 task.past_leases.append(lease_id)
-                if outcome == "code_error":
+                if outcome == LeaseOutcome.CODE_ERROR:
                     task.code_errors += 1
-                elif outcome == "rejected" and node_id in snap.node_volunteers:
-                    task.rejected.add(snap.node_volunteers[node_id])  # a wrong known answer
+                elif outcome == LeaseOutcome.REJECTED and volunteer:
+                    task.rejected.add(volunteer)  # a wrong known answer
             snap.tasks = list(tasks.values())
             self._load_replicas(conn, snap, tasks, unfinished)
             max_lease = conn.execute(select(func.max(Lease.id))).scalar()
@@ -209,6 +220,15 @@ class SchedulerStore(StoreBase):
                         {"id": c.lease, "ended_at": c.at, "outcome": c.outcome, "detail": c.detail}
                         for c in changes
                         if isinstance(c, LeaseEnded)
+                    ],
+                )
+                update_by_id(
+                    conn,
+                    LEASES,
+                    [
+                        {"id": c.lease, "outcome": LeaseOutcome.REJECTED, "detail": c.detail}
+                        for c in changes
+                        if isinstance(c, LeaseResultRefused)
                     ],
                 )
                 update_by_id(

@@ -325,9 +325,20 @@ class BundleCache:
         if versions.get(project, 0) >= version:
             return
         versions[project] = version
-        tmp = self.versions_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(versions), encoding="utf-8")
-        os.replace(tmp, self.versions_file)
+        # Durably (temp file, fsync, rename, fsync of the directory): a version recorded is
+        # one the node ran, and a crash must not let it accept an older one afterwards.
+        directory = self.versions_file.parent
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.versions_file.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(versions, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.versions_file)
+            fsync_dir(directory)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _versions(self) -> dict[str, int]:
         try:

@@ -35,6 +35,10 @@ RELAY_ENVELOPE_OVERHEAD: Final = 256
 """Bytes a ``relayed`` envelope adds around a frame, generously counted: a peer's frame
 limit is its relay's limit minus this, so every envelope fits the relay's frames."""
 
+RESERVED_BYTE: Final = "reserved byte 0xc1 (never used in msgpack)"
+"""The detail of a body holding the one byte no msgpack format has (the C unpacker's
+FormatError carries no message of its own)."""
+
 
 class ErrorCode(enum.StrEnum):
     """Values of ``Error.code``. Receivers must accept codes they do not know."""
@@ -471,13 +475,19 @@ def decode_message(body: bytes) -> Message:
         )
     except _ExtTypeRefused as exc:
         raise RemoteProtocolError(f"msgpack extension type {exc.code} is not allowed") from None
-    except RecursionError:
+    except (RecursionError, msgpack.exceptions.StackError):
+        # The C unpacker stops at its own depth limit with StackError (a ValueError
+        # without a message); the pure-Python one runs into Python's recursion limit.
         raise RemoteProtocolError("message nested too deeply to decode") from None
     except Exception as exc:
         # msgpack raises a mix of ValueError subclasses, TypeError, UnicodeDecodeError
         # and its own exceptions for malformed input; all mean the same thing here.
         # Some of their messages quote the input; keep what reaches logs short.
         detail = str(exc)[:200]
+        if not detail and isinstance(exc, msgpack.exceptions.FormatError):
+            # The C unpacker's FormatError says nothing: it means a type byte no format
+            # has, and 0xc1 is the only such byte ("never used" in the msgpack spec).
+            detail = RESERVED_BYTE
         raise RemoteProtocolError(
             f"malformed msgpack body: {type(exc).__name__}: {detail}"
         ) from exc

@@ -116,15 +116,17 @@ class World:
                 TaskRec(t[4], self.primes.id, TA, 1, 1, 6, [5]),
                 TaskRec(t[6], self.primes.id, NA, 0, 0, None, [8]),
             ],
+            # Each lease knows its node's volunteer; an ended one, how it ended (whether
+            # with its result: then it takes no other one).
             leases=[
-                LeaseRec(1, t[0], N1, True, T0 + 1),
-                LeaseRec(2, t[1], N1, False, T0 + 1),
-                LeaseRec(6, t[4], N1, False, T0 + 4),
+                LeaseRec(1, t[0], N1, True, T0 + 1, "alice"),
+                LeaseRec(2, t[1], N1, False, T0 + 1, "alice"),
+                LeaseRec(6, t[4], N1, False, T0 + 4, "alice"),
             ],
             past_leases=[
-                LeaseRec(4, t[3], N2, True, T0 + 1),
-                LeaseRec(5, t[4], N2, True, T0 + 1),
-                LeaseRec(8, t[6], N1, False, T0 + 1),
+                LeaseRec(4, t[3], N2, True, T0 + 1, "bob", "lost"),
+                LeaseRec(5, t[4], N2, True, T0 + 1, "bob", "code_error"),
+                LeaseRec(8, t[6], N1, False, T0 + 1, "alice", "offer_expired"),
             ],
             node_volunteers={N1: "alice", N2: "bob"},
             next_lease_id=10,

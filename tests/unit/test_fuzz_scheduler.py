@@ -38,7 +38,6 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -88,9 +87,9 @@ from issc.nodeauth import node_id_for
 DEEP = os.environ.get("ISSC_FUZZ") == "deep"
 
 # A result for a lease that already had its result (a code error, or a known answer
-# contradicted) is taken again: see the xfail tests at the end. The state machine skips
-# that one case while the bug stands; set this to False once it is fixed.
-KNOWN_BUG_RESULT_AFTER_REFUSAL = True
+# contradicted) was taken again: see the tests at the end. Fixed; True again would make
+# the state machine skip that case.
+KNOWN_BUG_RESULT_AFTER_REFUSAL = False
 SETTINGS = Settings(max_attempts=3, offer_timeout=10.0, lease_window=6.0)
 T0 = 1_800_000_000.0
 OWNERS = {"solo": "ed25519:" + "A" * 43 + "=", "pair": "ed25519:" + "B" * 43 + "="}
@@ -495,6 +494,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             # A code error (accepted) or a contradicted known answer (refused): either
             # way the lease ended with this result, and it has had its one result.
             self.refused.add(lease_id)
+        elif not stale and ok:
+            # A late answer refused (it contradicted the known answer): the lease's one
+            # result too, though the lease had ended before (lost, expired).
+            self.refused.add(lease_id)
 
     # Hypothesis picks among rules evenly; an alias doubles a rule's share. The common
     # traffic (asking for work, running it, staying alive) comes more often than the odd.
@@ -612,7 +615,7 @@ def test_the_scheduler_keeps_its_invariants_under_random_traffic() -> None:
     )
 
 
-# ---- the bug the machine found, as plain examples ------------------------------------------
+# ---- the bugs the machine found (fixed), as plain examples -----------------------------------
 
 
 def _running_lease(scheduler: Scheduler, expected: tuple[tuple[int, str], ...] = ()) -> int:
@@ -632,7 +635,6 @@ def _second_result_is_refused(out: list[Instruction]) -> None:
     assert not [i for i in out if isinstance(i, TaskFinished | ResultPending)]
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a lease's second result is taken")
 def test_a_success_after_a_code_error_of_the_same_lease_is_not_recorded() -> None:
     """docs/protocol.md rule 5: a result is recorded once. The code error ends the lease
     (a past lease), and a past lease's success is taken as a late result (rule 4)."""
@@ -643,7 +645,6 @@ def test_a_success_after_a_code_error_of_the_same_lease_is_not_recorded() -> Non
     _second_result_is_refused(s.handle(ResultReceived("n1", lease, True, 7, None, 1.0, 1.0, 2.0)))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a lease's second result is taken")
 def test_a_second_answer_after_a_refused_one_of_the_same_lease_is_not_recorded() -> None:
     """A spot check: the refused wrong answer ends the lease; answering again on the same
     lease must not get a second try at the known answer."""
@@ -654,7 +655,6 @@ def test_a_second_answer_after_a_refused_one_of_the_same_lease_is_not_recorded()
     _second_result_is_refused(s.handle(ResultReceived("n1", lease, True, 7, None, 1.0, 1.0, 2.0)))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: an unknown node's result counts as trusted")
 def test_a_distrusted_volunteers_result_after_its_node_record_is_gone_does_not_count_alone() -> (
     None
 ):
@@ -675,3 +675,99 @@ def test_a_distrusted_volunteers_result_after_its_node_record_is_gone_does_not_c
     assert "n3" not in s.nodes
     out = s.handle(ResultReceived("n3", other, True, 999, None, 1.0, 1.0, 8.0), Tick(8.0))
     assert not [i for i in out if isinstance(i, TaskFinished)], "a distrusted result counted"
+
+
+class _Hub:
+    """The scheduler on a real store, as the runtime runs it, with restarts."""
+
+    def __init__(self) -> None:
+        self.store = fresh_store()
+        self.now = T0
+        self.scheduler = Scheduler(SETTINGS, self.store.load_snapshot(), self.now)
+        self.added = 0
+
+    def handle(self, *events: Event) -> list[Instruction]:
+        out = self.scheduler.handle(*events, Tick(self.now))
+        self.store.apply([i for i in out if isinstance(i, Change)])
+        return out
+
+    def restart(self) -> None:
+        self.now += 1.0
+        self.scheduler = Scheduler(SETTINGS, self.store.load_snapshot(), self.now)
+
+    def add(self, expect: str | None = None) -> int:
+        self.added = n = self.added + 1
+        entry = TaskEntry(f"t{n}", json.dumps({"n": n}), 1, expect_json=expect)
+        sha = hashlib.sha256(f"file {n}".encode()).hexdigest()
+        _, (pk,) = self.store.add_tasks("solo", [entry], sha, "tasks.jsonl", self.now)
+        expected = ((pk, expect),) if expect is not None else ()
+        self.handle(TasksAdded(TEMPLATE_PROJECTS["solo"], (pk,), expected))
+        return pk
+
+    def run(self, node: str) -> int:
+        """The node joins, takes one offer and accepts it: the lease."""
+        self.handle(NodeJoined(node, VOLUNTEER[node], PROJECTS, (), self.now))
+        out = self.handle(SlotsFree(node, 1, self.now))
+        (lease,) = [item.lease for m in out if isinstance(m, SendOffers) for item in m.items]
+        self.handle(OffersAccepted(node, (lease,), self.now))
+        return lease
+
+    def result(self, node: str, lease: int, ok: bool, value: Any) -> list[Instruction]:
+        self.now += 1.0
+        self.handle(NodeJoined(node, VOLUNTEER[node], PROJECTS, (lease,), self.now))
+        error = None if ok else "boom"
+        return self.handle(ResultReceived(node, lease, ok, value, error, 1.0, 1.0, self.now))
+
+
+def test_a_lease_that_ended_with_a_code_error_takes_no_result_after_a_restart() -> None:
+    hub = _Hub()
+    hub.add()
+    node = NODES[0]
+    lease = hub.run(node)
+    hub.result(node, lease, False, None)
+    hub.restart()
+    _second_result_is_refused(hub.result(node, lease, True, {"v": 1}))
+    hub.store.close()
+
+
+def test_a_late_wrong_answer_is_the_leases_one_result_after_a_restart_too() -> None:
+    """The lease was lost (silence), then its wrong answer came and was refused: that
+    was its result. After a restart, a right answer on the same lease is refused too, and
+    the task does not go back to the liar's volunteer."""
+    hub = _Hub()
+    hub.add(expect=json.dumps({"v": 1}))
+    lease = hub.run(LIAR)
+    hub.now += SETTINGS.lease_window + 1.0
+    hub.handle()  # silent: the lease is lost
+    out = hub.result(LIAR, lease, True, {"lie": 1})
+    assert [i.accepted for i in out if isinstance(i, SendResultAck)] == [False]
+    hub.restart()
+    assert hub.scheduler.past_leases[lease].outcome == "rejected"
+    _second_result_is_refused(hub.result(LIAR, lease, True, {"v": 1}))
+    (task,) = hub.scheduler.tasks.values()
+    assert VOLUNTEER[LIAR] in task.rejected
+    hub.store.close()
+
+
+def test_after_a_restart_a_forgotten_nodes_result_is_judged_as_its_volunteers() -> None:
+    """carol is distrusted; her node's record is gone when her result arrives, after a
+    restart: the lease still knows her, so the result does not complete the task alone."""
+    hub = _Hub()
+    hub.add(expect=json.dumps({"v": 1}))
+    spot = hub.run(LIAR)
+    hub.result(LIAR, spot, True, {"lie": 1})
+    assert not hub.scheduler.trusted(VOLUNTEER[LIAR])
+    hub.add()
+    other = hub.run(LIAR)
+    hub.restart()
+    hub.now += SETTINGS.lease_window + 1.0
+    hub.handle()  # silent since the restart: its lease is lost, the node forgotten
+    assert LIAR not in hub.scheduler.nodes
+    out = hub.scheduler.handle(
+        ResultReceived(LIAR, other, True, {"v": 2}, None, 1.0, 1.0, hub.now), Tick(hub.now)
+    )
+    hub.store.apply([i for i in out if isinstance(i, Change)])
+    assert not [i for i in out if isinstance(i, TaskFinished)], "a distrusted result counted"
+    (pending,) = [i for i in out if isinstance(i, ResultPending)]
+    assert pending.volunteer == VOLUNTEER[LIAR]
+    hub.store.close()

@@ -328,6 +328,35 @@ def test_late_result_wins_and_cancels_the_newer_lease_on_its_node() -> None:
     assert of(TaskFinished, out) == [] and not of(SendResultAck, out)[0].accepted
 
 
+def test_a_late_result_after_the_node_record_is_gone_is_credited_to_its_volunteer() -> None:
+    """The lease knows its node's volunteer: a result that arrives after the node was
+    dropped for silence (and forgotten) is still trusted and credited as that volunteer's."""
+    w = World(tasks=1)
+    w.join("n1")
+    (lease,) = offered(w.ready("n1", 1))
+    w.accept("n1", lease)
+    w.tick(SETTINGS.lease_window + 1)  # silent: the lease is lost, the node forgotten
+    assert "n1" not in w.s.nodes
+    (done,) = of(TaskFinished, w.result("n1", lease, value=7))
+    assert (done.state, done.lease, done.volunteer) == (TaskState.C, lease, "vol-n1")
+
+
+def test_a_lease_takes_one_result_whatever_the_first_one_was() -> None:
+    """A code error ends the lease with its result: a success on it afterwards is refused
+    and changes nothing (rule 5), while the task runs again elsewhere."""
+    w = World(tasks=1)
+    w.join("n1")
+    (lease,) = offered(w.ready("n1", 1))
+    w.accept("n1", lease)
+    assert of(SendResultAck, w.result("n1", lease, ok=False))[0].accepted
+    out = w.result("n1", lease, value=7)
+    assert of(SendResultAck, out) == [
+        SendResultAck("n1", lease, False, "lease already ended with a result")
+    ]
+    assert of(TaskFinished, out) == [] and of(TaskUpdated, out) == []
+    assert w.task(1).state is TaskState.NA
+
+
 def test_late_result_for_a_requeued_task_completes_it_and_it_is_not_offered_again() -> None:
     w = World(tasks=1)
     w.join("n1")
