@@ -3,14 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint unit e2e bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,postgres]'
+	$(BIN)/pip install --quiet -e '.[dev,postgres,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,20 +28,18 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/pytest -q tests/e2e
 
-# The peer (Dask) that the benchmarks compare against; installed once, beside the dev tools.
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
-	touch $(BENCH_STAMP)
-
-bench: $(BENCH_STAMP)
+# Dask, the peer the benchmarks compare against, comes with the dev tools (the `bench`
+# extra): `make test` runs every benchmark once at a tiny size (tests/e2e/test_bench_e2e.py).
+bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/store_commit.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/swarm.py
 
 # The long chaos run of docs/reliability.md (about 10 minutes); `make test` runs a short one.
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py --tasks 5000 --duration 420 --drain 240 --seed 7
 
 clean:
-	rm -rf $(VENV) demo-run *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-run *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -268,8 +268,12 @@ def raise_fd_limit(wanted: int) -> int:
     ``wanted``, past the hard limit when root may; the soft limit reached."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if wanted > hard and os.geteuid() == 0:
-        ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
-        hard = min(wanted, ceiling)
+        ceiling = min(wanted, int(Path("/proc/sys/fs/nr_open").read_text()))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+            return ceiling
+        except (ValueError, OSError):  # root without CAP_SYS_RESOURCE (a container)
+            pass
     target = min(max(soft, wanted), hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return target
@@ -434,6 +438,8 @@ def main() -> int:
     if most < 1 or args.step < 1 or args.heartbeat <= 0 or args.hold <= 0:
         parser.error("--nodes, --step, --heartbeat and --hold must be positive")
     limit = raise_fd_limit(most + 1000)
+    if args.ceiling:  # each node is a descriptor here and one in the hub
+        most = args.max_nodes = min(args.max_nodes, limit - 1000)
     print(f"machine: {machine()}")
     print(
         f"{'up to ' + str(most) if args.ceiling else most} simulated nodes in one process, "
@@ -441,7 +447,7 @@ def main() -> int:
         f"open-file limit {limit}",
         flush=True,
     )
-    if limit < most + 100:
+    if limit < most + 100 or most < 1:
         print(f"swarm: the open-file limit {limit} is too low for {most} nodes", file=sys.stderr)
         return 1
     steps: list[Step] = []
