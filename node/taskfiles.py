@@ -72,10 +72,27 @@ def reset_task_dirs(scratch: Path, owner: tuple[int, int] | None = None) -> None
     Raises OSError if they cannot be made again.
     """
     for name in (IN_DIR, OUT_DIR):
+        if _fresh(scratch / name, owner):
+            continue  # most tasks leave both empty: no need to remove and make them again
         remove_tree(scratch / name)
         (scratch / name).mkdir(mode=0o700)
         if owner is not None:
             os.chown(scratch / name, *owner)
+
+
+def _fresh(path: Path, owner: tuple[int, int] | None) -> bool:
+    """Whether ``path`` is already as reset_task_dirs would make it: a directory (not a
+    link), mode 0700 with no special bits, of ``owner``, and empty."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o700:
+            return False
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            return False
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def collect_outputs(scratch: Path, dest: Path, output_mb: int) -> tuple[OutputFile, ...]:

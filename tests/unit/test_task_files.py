@@ -15,7 +15,7 @@ import pytest
 from issc.manifest import Limits
 from node.executor import PersistentExecutor, ProcessExecutor, RunOutcome, RunRequest
 from node.sandbox import fresh_scratch
-from node.taskfiles import OutputFile, collect_outputs
+from node.taskfiles import OutputFile, collect_outputs, reset_task_dirs
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -388,3 +388,25 @@ async def test_persistent_out_is_emptied_before_each_task_too(
     assert second.ok, second.error
     assert second.result["stale_out"] == []
     assert second.output_files == ()
+
+
+def test_reset_empties_in_and_out_and_restores_their_mode(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir(mode=0o700)
+    (tmp_path / "out").mkdir(mode=0o700)
+    reset_task_dirs(tmp_path)
+    kept = (tmp_path / "out").stat().st_ino
+    reset_task_dirs(tmp_path)
+    assert (tmp_path / "out").stat().st_ino == kept  # empty and as made: left alone
+    (tmp_path / "out" / "left-over").write_text("x")
+    (tmp_path / "in").chmod(0o555)  # as staged inputs leave it
+    reset_task_dirs(tmp_path)
+    for name in ("in", "out"):
+        assert list((tmp_path / name).iterdir()) == []
+        assert (tmp_path / name).stat().st_mode & 0o7777 == 0o700
+    (tmp_path / "out").chmod(0o2777)  # a task may change its own directory's mode
+    reset_task_dirs(tmp_path)
+    assert (tmp_path / "out").stat().st_mode & 0o7777 == 0o700
+    os.rmdir(tmp_path / "out")
+    os.symlink("/etc", tmp_path / "out")  # or swap it for a link
+    reset_task_dirs(tmp_path)
+    assert not (tmp_path / "out").is_symlink() and list((tmp_path / "out").iterdir()) == []
