@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from hub.blobs import ContentStore
@@ -65,6 +67,34 @@ class _RefusalLog:
         more = f" (and {self.unlogged} more refused since)" if self.unlogged else ""
         log.warning("refused a connection from %s: %s%s", address, why, more)
         self.last, self.unlogged = now, 0
+
+
+@contextlib.asynccontextmanager
+async def serving(config: HubConfig, timeout: float = 10) -> AsyncIterator[Hub]:
+    """A hub serving in this event loop until the block ends (for embedding it, and for
+    tests that want a real hub in their own process). Yields once it listens.
+
+    Raises TimeoutError if it does not listen within ``timeout`` seconds, or the error it
+    stopped with.
+    """
+    hub = Hub(config)
+    stop = asyncio.Event()
+    running = asyncio.create_task(hub.run(stop))
+    deadline = time.monotonic() + timeout
+    while hub.address is None or hub.runtime is None:
+        if running.done():
+            running.result()  # the reason it stopped
+            raise RuntimeError("the hub stopped before it listened")
+        if time.monotonic() > deadline:
+            stop.set()
+            await asyncio.wait_for(running, timeout)
+            raise TimeoutError(f"the hub did not listen within {timeout:g} s")
+        await asyncio.sleep(0.01)
+    try:
+        yield hub
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout)
 
 
 class Hub:

@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hub import session as hub_session
-from hub.app import Hub
+from hub.app import Hub, serving
 from hub.runtime import HubRuntime
 from hub.session import MAX_WRITE_BUFFER, NodeSession
 from issc.config import load_hub_config
@@ -87,19 +87,9 @@ async def slow_hub(tmp_path: Path, extra: str = "") -> AsyncIterator[SlowHub]:
     config_file.write_text(
         f"listen: 127.0.0.1:0\ndata_dir: {data}\n{FAST}{extra}", encoding="utf-8"
     )
-    hub = Hub(load_hub_config(config_file))
-    stop = asyncio.Event()
-    running = asyncio.create_task(hub.run(stop))
-    deadline = time.monotonic() + 10
-    while hub.address is None:
-        assert not running.done(), running.exception()
-        assert time.monotonic() < deadline, "the hub did not start"
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(load_hub_config(config_file)) as hub:
+        assert hub.address is not None
         yield SlowHub(hub, hub.address.port)
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 10)
 
 
 # ---- peers ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hub.app import Hub
+from hub.app import Hub, serving
 from hub.store import Store, TaskEntry
 from issc.config import load_hub_config
 from issc.keys import public_key_string
@@ -117,19 +117,9 @@ async def adv_hub(tmp_path: Path) -> AsyncIterator[WireHub]:
     config = load_hub_config(config_file)
     data.mkdir(mode=0o755)
     _prepare_store(config.database_url)
-    hub = Hub(config)
-    stop = asyncio.Event()
-    running = asyncio.create_task(hub.run(stop))
-    deadline = time.monotonic() + 10
-    while hub.address is None or hub.runtime is None:
-        assert not running.done(), running.exception()
-        assert time.monotonic() < deadline, "the hub did not start"
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(config) as hub:
+        assert hub.address is not None
         yield WireHub(hub, hub.address.port)
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 10)
 
 
 # ---- nodes -----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from test_hub_handshake import hello_for, proof_for
 from test_hub_relaying import OTHER_PEER_KEY, PEER_KEY, RecordingRuntime, Relay
 
 from hub import events as ev
-from hub.app import Hub
+from hub.app import Hub, serving
 from hub.blobs import ContentStore
 from hub.inbox import Inbox
 from hub.outbox import Outbox
@@ -157,19 +157,9 @@ class RealHub:
 async def real_hub(tmp_path: Path, extra: str) -> AsyncIterator[RealHub]:
     data = tmp_path / "h"
     config = load_hub_config(_hub_yaml(tmp_path, f"listen: 127.0.0.1:0\ndata_dir: {data}\n{extra}"))
-    hub = Hub(config)
-    stop = asyncio.Event()
-    running = asyncio.create_task(hub.run(stop))
-    deadline = time.monotonic() + 10
-    while hub.address is None:
-        assert not running.done(), running.exception()
-        assert time.monotonic() < deadline, "the hub did not start"
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(config) as hub:
+        assert hub.address is not None
         yield RealHub(hub, hub.address.port)
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 10)
 
 
 class Conn:
