@@ -77,7 +77,7 @@ from node.files import FileCache
 from node.identity import NodeIdentity
 from node.relay import RelayServer, Uplink
 from node.runs import failure
-from node.sandbox import remove_tree, sandbox_for
+from node.sandbox import kill_recorded_namespaces, remove_tree, sandbox_for
 from node.spool import ResultSpool
 from node.transfer import Send
 from node.upload import Uploader, given_record, sign_record
@@ -161,6 +161,9 @@ class NodeClient:
             self.bundles = BundleFetcher(self.cache, source=self.relay.bundles.fetch_blob)
         self.uploads = Uploader(signer=self.identity)
         self.scratch = data / "scratch"
+        # Sandboxes of runs the node was killed in the middle of may still run (a root
+        # node's bubblewrap namespaces: node/sandbox.py, record_namespace): end them first.
+        kill_recorded_namespaces(self.scratch)
         # Leftovers of runs killed with the node: nothing in them will be used again.
         # remove_tree, not rmtree: in/ is read-only (0555) and a task may have chmodded more.
         remove_tree(self.scratch)

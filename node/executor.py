@@ -70,6 +70,7 @@ from node.sandbox import (
     kill_group,
     limit_setter,
     popen_identity,
+    record_namespace,
     remove_tree,
     spawning,
     sweep_orphans,
@@ -123,8 +124,14 @@ class _Child:
     tied up by long waits, hence one plain thread per child.
     """
 
-    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        loop: asyncio.AbstractEventLoop,
+        namespace_root: Path | None = None,
+    ) -> None:
         self.popen = popen
+        self._namespace_root = namespace_root  # where its bwrap namespace is recorded, if so
         self.exited: asyncio.Future[tuple[int, float]] = loop.create_future()
         self._lock = threading.Lock()
         self._reaped = False
@@ -142,6 +149,8 @@ class _Child:
 
     def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
         pid = self.popen.pid
+        root = self._namespace_root
+        record = record_namespace(root, pid) if root is not None else None
         try:
             if hasattr(os, "waitid"):
                 # Wait without reaping: while the child is a zombie its pid, and so its
@@ -155,6 +164,8 @@ class _Child:
             outcome = (os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime)
         except OSError:  # ChildProcessError: someone else reaped it; status and rusage are lost
             outcome = (-signal.SIGKILL, 0.0)
+        if record is not None:
+            record.unlink(missing_ok=True)  # the namespace ended with bwrap
         with contextlib.suppress(RuntimeError):  # the loop is already closed
             loop.call_soon_threadsafe(self._deliver, outcome)
 
@@ -296,7 +307,8 @@ class ProcessExecutor:
         except BaseException:
             streams.close()
             raise
-        return _Child(popen, asyncio.get_running_loop()), streams
+        namespace_root = self._scratch_root if self._sandbox.bwrap else None
+        return _Child(popen, asyncio.get_running_loop(), namespace_root), streams
 
     @staticmethod
     async def _wait(child: _Child, limits: Limits, run: Run) -> tuple[int, float]:

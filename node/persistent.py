@@ -55,6 +55,7 @@ from node.sandbox import (
     kill_group,
     limit_setter,
     popen_identity,
+    record_namespace,
     remove_tree,
     spawning,
     sweep_orphans,
@@ -72,10 +73,17 @@ _PoolKey = tuple[Path, tuple[str, ...]]
 class _Worker:
     """One long-lived task process and what the executor knows about it."""
 
-    def __init__(self, key: _PoolKey, proc: asyncio.subprocess.Process, scratch: Path) -> None:
+    def __init__(
+        self,
+        key: _PoolKey,
+        proc: asyncio.subprocess.Process,
+        scratch: Path,
+        namespace: Path | None = None,
+    ) -> None:
         self.key = key
         self.proc = proc
         self.scratch = scratch
+        self.namespace = namespace  # its bubblewrap namespace's record (record_namespace)
         self.busy = True
         self.stderr_tail = bytearray()
         # Drained all the time: a full stderr pipe would block the process mid-task.
@@ -109,6 +117,8 @@ class _Worker:
             self.proc.stdin.close()
         await self.proc.wait()
         forget_child(self.proc.pid)
+        if self.namespace is not None:
+            self.namespace.unlink(missing_ok=True)
         self._stderr_reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_reader
@@ -346,7 +356,10 @@ class PersistentExecutor:
         except BaseException:
             await asyncio.to_thread(remove_tree, scratch)
             raise
-        return _Worker(key, proc, scratch)
+        namespace = None
+        if self._sandbox.bwrap is not None:
+            namespace = await asyncio.to_thread(record_namespace, self._scratch_root, proc.pid)
+        return _Worker(key, proc, scratch, namespace)
 
     async def _release(self, worker: _Worker, reusable: bool) -> None:
         """Return a process to its pool, or retire it if it cannot be trusted with more."""

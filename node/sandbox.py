@@ -69,6 +69,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -599,6 +600,74 @@ def _direct_children(pid: int) -> list[int]:
             text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
             found.extend(int(word) for word in text.split())
     return found
+
+
+NAMESPACE_RECORD = ".namespace-"  # + pid: in an executor's scratch root, see record_namespace
+_NAMESPACE_WAIT = 2.0  # seconds to wait for bwrap to make its namespace's PID 1
+
+
+def record_namespace(scratch_root: Path, bwrap_pid: int) -> Path | None:
+    """Write down the PID 1 of the namespace ``bwrap_pid`` makes (its direct child), with
+    its start time, in ``scratch_root/.namespace-<pid>``; the record's path, or None if
+    bwrap ended first. The caller removes the record when bwrap has ended.
+
+    Why: a node killed by SIGKILL cannot kill its runs, and under a root node their PID 1
+    (``nobody``) does not get bwrap's die-with-parent signal (kill_group says why), so the
+    namespace would outlive the node. The node restarted on the same data_dir ends such
+    survivors (kill_recorded_namespaces). Blocking (it polls /proc): call from a thread.
+    """
+    deadline = time.monotonic() + _NAMESPACE_WAIT
+    while not (children := _direct_children(bwrap_pid)):
+        if time.monotonic() > deadline or _ended(bwrap_pid):
+            return None
+        time.sleep(0.002)
+    pid = children[0]
+    started = _start_time(pid)
+    if started is None:
+        return None
+    try:
+        record = scratch_root / f"{NAMESPACE_RECORD}{pid}"
+        record.write_text(str(started), encoding="ascii")
+    except OSError as exc:
+        log.warning("sandbox: cannot record the namespace of pid %d: %s", pid, exc)
+        return None
+    return record
+
+
+def kill_recorded_namespaces(scratch_root: Path) -> int:
+    """SIGKILL every recorded namespace PID 1 still running (the same pid *and* start
+    time: a reused pid is left alone) and forget every record; how many were killed."""
+    killed = 0
+    for record in scratch_root.glob(f"{NAMESPACE_RECORD}*"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(record.name.removeprefix(NAMESPACE_RECORD))
+            started = int(record.read_text(encoding="ascii"))
+            if _start_time(pid) == started:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        record.unlink(missing_ok=True)
+    if killed:
+        log.warning("sandbox: killed %d task sandbox(es) left running by a killed node", killed)
+    return killed
+
+
+def _ended(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (it exited, not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 :].split()[:1] == [b"Z"]
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def kill_group(pid: int) -> None:

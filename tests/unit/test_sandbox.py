@@ -515,3 +515,51 @@ async def test_cpu_seconds_are_measured_inside_bubblewrap(data_dir: Path, tmp_pa
     assert one.ok and two.ok, (one.error, two.error)
     assert 0.3 < one.cpu_seconds < 5
     assert 0.3 < two.cpu_seconds < 5
+
+
+KILLED_NODE_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from issc.manifest import Limits
+from node.executor import ProcessExecutor, RunRequest
+from node.sandbox import default_sandbox
+
+async def main() -> None:
+    executor = ProcessExecutor(Path(sys.argv[1]), default_sandbox())
+    request = RunRequest(lease=1, task_id="t", input=sys.argv[3], bundle_dir=Path(sys.argv[2]),
+                         entrypoint=("python3", "main.py"), limits=Limits(wall_seconds=120))
+    await executor.run(request)
+
+asyncio.run(main())
+"""
+
+
+@needs_bwrap
+async def test_a_node_killed_mid_run_ends_the_left_sandbox_when_it_starts_again(
+    tmp_path: Path,
+) -> None:
+    from node.sandbox import NAMESPACE_RECORD, kill_recorded_namespaces
+
+    token = f"issc-test-{uuid.uuid4().hex}"
+    bundle = make_bundle(tmp_path, CANCELLED_TREE)
+    script = tmp_path / "killed_node.py"
+    script.write_text(KILLED_NODE_SCRIPT)
+    scratch = tmp_path / "scratch"
+    node = subprocess.Popen(
+        [sys.executable, str(script), str(scratch), str(bundle), token],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(processes_with(token)) < 2 or not list(scratch.glob(f"{NAMESPACE_RECORD}*")):
+            assert node.poll() is None and time.monotonic() < deadline, "the run never started"
+            await asyncio.sleep(0.05)
+    finally:
+        node.kill()  # SIGKILL: the node cannot clean up
+        node.wait()
+    await asyncio.sleep(0.3)
+    if os.geteuid() == 0:  # as nobody, PID 1 outlives bwrap (node.sandbox.kill_group)
+        assert processes_with(token), "the sandbox died with the node after all"
+    assert kill_recorded_namespaces(scratch) <= 1  # what a node does when it starts
+    assert await gone(token)
+    assert not list(scratch.glob(f"{NAMESPACE_RECORD}*"))
