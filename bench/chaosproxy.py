@@ -217,6 +217,15 @@ class ChaosProxy:
         self._call(arm)
         return len(armed)
 
+    def disarm_connections(self) -> None:
+        """Take back every mid-frame cut armed by cut_connections and not yet made."""
+
+        def disarm() -> None:
+            for conn in self._conns.values():
+                conn.cut_armed = False
+
+        self._call(disarm)
+
     def arm_transfer_cut(self, threshold: int) -> None:
         """Cut the first connection that carries ``threshold`` bytes of bulk transfer
         (large frames) from the hub from now on, at that byte."""

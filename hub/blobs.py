@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hub import faults
 from issc.errors import IsscError
-from issc.fsutil import fsync_dir, sha256_file
+from issc.fsutil import fsync_dir, sha256_file, write_all
 from issc.names import SHA256_RE
 
 CHUNK = 1024 * 1024
@@ -162,9 +162,7 @@ class UploadArea:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             os.lseek(fd, held, os.SEEK_SET)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         except OSError:
             try:

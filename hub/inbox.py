@@ -16,7 +16,6 @@ the scan stopped); it is never rejected for the hub's own trouble.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -31,6 +30,7 @@ from hub.events import (
     ProjectInfo,
 )
 from hub.inputs import InputResolver
+from hub.retry import is_disk_full
 from hub.store import Store
 from hub.taskfile import parse_task_file
 from issc.bundle import read_manifest_bytes, verify_self_signed
@@ -113,7 +113,7 @@ class Inbox:
             try:
                 item = self.ingest(path)
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_disk_full(exc):
                     self.trouble = exc  # no room to move or note anything: stop here
                     break
                 log.error("inbox: %s: %s", path.name, exc)  # moved away meanwhile, EIO...

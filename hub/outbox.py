@@ -19,7 +19,7 @@ from typing import Any
 from hub import faults
 from hub.blobs import ContentStore
 from hub.store import FinishedTask, Store, iso_time
-from issc.fsutil import fsync_dir
+from issc.fsutil import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 BATCH = 5000
@@ -105,9 +105,7 @@ class Outbox:
                 log.warning("%s: shorter than recorded (moved or truncated by someone?)", path)
             encoded = data.encode()
             os.lseek(fd, size, os.SEEK_SET)
-            view = memoryview(encoded)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, encoded)
             os.fsync(fd)
             faults.point("outbox.after_fsync")  # durable; the store has not recorded it
             return size + len(encoded)

@@ -45,6 +45,7 @@ from hub.store import AsyncStore, Store
 from hub.store_inbox import OfferPayload
 from issc.config import HubConfig
 from issc.errors import AuthError, StoreError
+from issc.fsutil import write_all
 from issc.keys import parse_public_key
 from issc.names import PLAIN_NAME_RE
 from issc.protocol import (
@@ -504,9 +505,7 @@ class HubRuntime:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(bytes(PROBE_BYTES))
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, bytes(PROBE_BYTES))
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -16,6 +16,13 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd`` (os.write may write less). Raises OSError."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def sha256_file(path: Path) -> str:
     """The SHA-256 (hex) of a file's bytes, read in 1 MiB blocks. Raises OSError."""
     digest = hashlib.sha256()

@@ -67,6 +67,7 @@ class BundleCache:
         self.versions_file = directory / "versions.json"
         directory.mkdir(parents=True, exist_ok=True)
         self.owner_keys_file = directory / OWNER_KEYS_FILE
+        self._owner_states: dict[str, tuple[str, frozenset[str]]] | None = None  # read once
         self.refused: dict[str, str] = {}  # digest -> why; never fetched again this run
         self._manifests: dict[str, Manifest] = {}
         # digest -> the tree's fingerprint when it last passed a full check (this process)
@@ -280,6 +281,12 @@ class BundleCache:
         )
 
     def _owner_keys(self) -> dict[str, tuple[str, frozenset[str]]]:
+        """The rotations seen, read once (only this node writes the file) and kept."""
+        if self._owner_states is None:
+            self._owner_states = self._read_owner_keys()
+        return dict(self._owner_states)
+
+    def _read_owner_keys(self) -> dict[str, tuple[str, frozenset[str]]]:
         try:
             data = json.loads(self.owner_keys_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -314,6 +321,7 @@ class BundleCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._owner_states = dict(states)
 
     # ---- versions already run (never go back) -------------------------------------------
 

@@ -574,10 +574,12 @@ class NodeClient:
         try:
             with self.inputs.pinned(offer.files):  # never evicted while the task lives
                 inputs, outcome = await self._inputs_of(running)
-                if outcome is None and (inputs or not offer.files):
+                if outcome is None and inputs:
+                    # Checked when the offer was accepted; the wait for the input files
+                    # since may have been long: checked again just before the run.
                     bundle_dir, outcome = await self._bundle_again(offer, bundle_dir)
-                    if outcome is None:
-                        outcome = await self._execute(offer, manifest, bundle_dir, inputs)
+                if outcome is None and (inputs or not offer.files):
+                    outcome = await self._execute(offer, manifest, bundle_dir, inputs)
         except asyncio.CancelledError:
             if not running.cancelled:
                 raise  # the node is going down, not this lease

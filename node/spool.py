@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from issc.fsutil import fsync_dir
+from issc.fsutil import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,8 @@ class ResultSpool:
         self._records: dict[int, dict[str, Any]] = {}
         self._segment_of: dict[int, int] = {}  # lease -> the segment holding its record
         self._live: Counter[int] = Counter()  # segment -> records in it still waiting
-        self._segments: list[int] = []
         self._segment = 0  # the one open for writing; none while the journal is read
-        self._replay()
-        self._segment = (self._segments[-1] + 1) if self._segments else 1
-        self._segments.append(self._segment)
+        self._segment = self._replay() + 1
         self._fd = self._open_segment(self._segment)
         self._size = 0
         self._written = 0  # journal bytes handed to the kernel, ever (this process)
@@ -119,10 +116,7 @@ class ResultSpool:
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
         if self._size and self._size + len(line) > SEGMENT_BYTES:
             self._next_segment()
-        view = memoryview(line)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        write_all(self._fd, line)
         self._size += len(line)
         self._written += len(line)
 
@@ -157,7 +151,6 @@ class ResultSpool:
         self._synced = self._written
         old = self._segment
         self._segment += 1
-        self._segments.append(self._segment)
         self._fd = self._open_segment(self._segment)
         self._size = 0
         self._drop_if_empty(old)
@@ -188,20 +181,17 @@ class ResultSpool:
         if segment == self._segment or self._live[segment] > 0:
             return
         del self._live[segment]
-        if segment in self._segments:
-            self._segments.remove(segment)
         self._segment_path(segment).unlink(missing_ok=True)
 
-    def _replay(self) -> None:
+    def _replay(self) -> int:
+        """Take in what the segments hold, delete those with nothing waiting; the number
+        of the last segment (0 if none)."""
         journal = read_journal(self.directory)
-        self._segments = journal.segments
         for lease, record in journal.records.items():
             self._keep(lease, record, journal.segment_of[lease])
-        for number in list(self._segments):
-            if self._live[number] <= 0:  # every result in it was acknowledged
-                self._live.pop(number, None)
-                self._segments.remove(number)
-                self._segment_path(number).unlink(missing_ok=True)
+        for number in journal.segments:
+            self._drop_if_empty(number)  # every result in it was acknowledged
+        return journal.segments[-1] if journal.segments else 0
 
     def _take_legacy_files(self) -> None:
         """Move ``<lease>.json`` files of earlier versions into the journal."""
@@ -237,13 +227,13 @@ def read_journal(directory: Path) -> Journal:
     """Read a spool's segments in order, without changing anything (so also for tools
     and tests looking at a running node's spool)."""
     journal = Journal()
+    found: list[tuple[int, Path]] = []
     for path in directory.glob(f"{_SEGMENT_PREFIX}*{_SEGMENT_SUFFIX}"):
         digits = path.name.removeprefix(_SEGMENT_PREFIX).removesuffix(_SEGMENT_SUFFIX)
         if digits.isdigit():
-            journal.segments.append(int(digits))
-    journal.segments.sort()
-    for number in journal.segments:
-        path = directory / f"{_SEGMENT_PREFIX}{number:08d}{_SEGMENT_SUFFIX}"
+            found.append((int(digits), path))
+    for number, path in sorted(found):
+        journal.segments.append(number)
         try:
             data = path.read_bytes()
         except FileNotFoundError:  # acknowledged and deleted meanwhile
