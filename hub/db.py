@@ -7,6 +7,7 @@ declared once on ``StoreBase``, and these helpers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -24,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool, StaticPool
+from sqlalchemy.sql.dml import Update
 
 from hub.events import ProjectInfo
 from hub.models import (
@@ -80,13 +82,22 @@ def update_by_id(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
     """
     if not rows:
         return
-    columns = [key for key in rows[0] if key != "id"]
-    statement = (
+    columns = tuple(key for key in rows[0] if key != "id")
+    conn.execute(
+        _update_by_id(table, columns),
+        [{f"b_{key}": value for key, value in row.items()} for row in rows],
+    )
+
+
+@functools.cache
+def _update_by_id(table: Table, columns: tuple[str, ...]) -> Update:
+    # Built once per shape: building a statement costs more than running it for a
+    # batch of a few rows (it was a fifth of the hub's CPU per task).
+    return (
         update(table)
         .where(table.c.id == bindparam("b_id"))
         .values({column: bindparam(f"b_{column}") for column in columns})
     )
-    conn.execute(statement, [{f"b_{key}": value for key, value in row.items()} for row in rows])
 
 
 def insert_blobs(conn: Any, sizes: dict[str, int], now: float) -> None:

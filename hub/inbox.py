@@ -9,9 +9,11 @@ reach the event loop.
 A file written in place under its final name (not by ``issc-project submit``) may be
 caught half-written: ``scan`` reads a file only once two scans in a row saw it with the
 same size and modification time, so a writer that is still going (within a scan
-interval) is waited for. A file that cannot be read whole because the disk is full or
-the database failed stays in the inbox and is read again later (``trouble`` says why
-the scan stopped); it is never rejected for the hub's own trouble.
+interval) is waited for; a file that inotify saw renamed in or closed by its writer
+(hub/dirwatch.py) is complete and read at the next scan, which it wakes. A file that
+cannot be read whole because the disk is full or the database failed stays in the inbox
+and is read again later (``trouble`` says why the scan stopped); it is never rejected
+for the hub's own trouble.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,14 +103,15 @@ class Inbox:
         for directory in (self.inbox, self.accepted, self.rejected):
             directory.mkdir(parents=True, exist_ok=True)
 
-    def scan(self) -> list[Ingested]:
-        """Read every waiting file whose size and mtime have settled (blocking; run on the
-        store's thread). Sets ``trouble`` if it had to stop early."""
+    def scan(self, completed: Collection[str] = ()) -> list[Ingested]:
+        """Read every waiting file whose size and mtime have settled, or that is named in
+        ``completed`` (renamed in or closed by its writer: hub/dirwatch.py), blocking; run
+        on the store's thread. Sets ``trouble`` if it had to stop early."""
         ingested = []
         self.trouble = None
         seen, self._last_seen = self._last_seen, _waiting(self.inbox)
         for name, stamp in self._last_seen.items():
-            if self.settle and seen.get(name) != stamp:
+            if self.settle and name not in completed and seen.get(name) != stamp:
                 continue  # new, or changed since the last scan: perhaps still being written
             path = self.inbox / name
             try:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from hub.changes import FileInfo
@@ -16,6 +16,17 @@ from hub.models import Blob, Bundle, InboxFile, Project, Task, TaskInput
 from issc.errors import StoreError, TaskFileError
 
 OfferPayload = tuple[str, str, list[FileInfo]]  # (task id, input JSON, input files)
+
+# Offers read these for every task sent: built once (see hub/db.py's update_by_id).
+_PAYLOADS = select(Task.id, Task.name, Task.input_json).where(
+    Task.id.in_(bindparam("pks", expanding=True))
+)
+_INPUT_FILES = (
+    select(TaskInput.task_id, TaskInput.name, TaskInput.sha256, Blob.size)
+    .join(Blob, Blob.sha256 == TaskInput.sha256)
+    .where(TaskInput.task_id.in_(bindparam("pks", expanding=True)))
+    .order_by(TaskInput.task_id, TaskInput.name)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,16 +159,9 @@ class InboxStore(StoreBase):
         out: dict[int, OfferPayload] = {}
         with self.engine.connect() as conn:
             for chunk in chunks(pks):
-                rows = conn.execute(
-                    select(Task.id, Task.name, Task.input_json).where(Task.id.in_(list(chunk)))
-                )
+                keys = {"pks": list(chunk)}
+                rows = conn.execute(_PAYLOADS, keys)
                 out.update((pk, (name, payload, [])) for pk, name, payload in rows)
-                files = conn.execute(
-                    select(TaskInput.task_id, TaskInput.name, TaskInput.sha256, Blob.size)
-                    .join(Blob, Blob.sha256 == TaskInput.sha256)
-                    .where(TaskInput.task_id.in_(list(chunk)))
-                    .order_by(TaskInput.task_id, TaskInput.name)
-                )
-                for pk, name, sha, size in files:
+                for pk, name, sha, size in conn.execute(_INPUT_FILES, keys):
                     out[pk][2].append(FileInfo(name, sha, size))
         return out

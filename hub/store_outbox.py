@@ -5,12 +5,43 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from hub.changes import FileInfo
 from hub.db import OUTBOX_FILES, PROJECTS, RESULTS, TASKS, StoreBase, chunks
 from hub.lifecycle import FINAL_STATES
 from hub.models import OutboxFile, Output, Project, Task
+
+# Built once: the outbox runs these for every batch of finished tasks.
+_UNEXPORTED = (
+    select(
+        TASKS.c.id,
+        PROJECTS.c.name,
+        TASKS.c.name,
+        TASKS.c.state,
+        RESULTS.c.result_json,
+        TASKS.c.error,
+        TASKS.c.node_id,
+        TASKS.c.volunteer,
+        TASKS.c.attempts,
+        TASKS.c.cpu_seconds,
+        TASKS.c.finished_at,
+        TASKS.c.lease_id,
+    )
+    .join(PROJECTS, PROJECTS.c.id == TASKS.c.project_id)
+    .outerjoin(RESULTS, RESULTS.c.lease_id == TASKS.c.lease_id)
+    .where(TASKS.c.exported.is_(False), TASKS.c.state.in_([str(s) for s in FINAL_STATES]))
+    .order_by(TASKS.c.finished_at, TASKS.c.id)
+    .limit(bindparam("limit"))
+)
+_OUTPUTS_OF = (
+    select(Output.lease_id, Output.name, Output.sha256, Output.size)
+    .where(Output.lease_id.in_(bindparam("leases", expanding=True)))
+    .order_by(Output.lease_id, Output.name)
+)
+_MARK_EXPORTED = (
+    update(TASKS).where(Task.id.in_(bindparam("pks", expanding=True))).values(exported=True)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,38 +67,12 @@ class OutboxStore(StoreBase):
     """Part of ``Store``: the outbox's bookkeeping."""
 
     def unexported(self, limit: int) -> list[FinishedTask]:
-        task_t, proj_t, res_t = TASKS, PROJECTS, RESULTS
-        query = (
-            select(
-                task_t.c.id,
-                proj_t.c.name,
-                task_t.c.name,
-                task_t.c.state,
-                res_t.c.result_json,
-                task_t.c.error,
-                task_t.c.node_id,
-                task_t.c.volunteer,
-                task_t.c.attempts,
-                task_t.c.cpu_seconds,
-                task_t.c.finished_at,
-                task_t.c.lease_id,
-            )
-            .join(proj_t, proj_t.c.id == task_t.c.project_id)
-            .outerjoin(res_t, res_t.c.lease_id == task_t.c.lease_id)
-            .where(task_t.c.exported.is_(False), task_t.c.state.in_([str(s) for s in FINAL_STATES]))
-            .order_by(task_t.c.finished_at, task_t.c.id)
-            .limit(limit)
-        )
         with self.engine.connect() as conn:
-            tasks = [FinishedTask(*row) for row in conn.execute(query)]
+            tasks = [FinishedTask(*row) for row in conn.execute(_UNEXPORTED, {"limit": limit})]
             leases = [t.lease for t in tasks if t.state == "C" and t.lease is not None]
             files: dict[int, list[FileInfo]] = {}
             for chunk in chunks(leases):
-                rows = conn.execute(
-                    select(Output.lease_id, Output.name, Output.sha256, Output.size)
-                    .where(Output.lease_id.in_(list(chunk)))
-                    .order_by(Output.lease_id, Output.name)
-                )
+                rows = conn.execute(_OUTPUTS_OF, {"leases": list(chunk)})
                 for lease, name, sha, size in rows:
                     files.setdefault(lease, []).append(FileInfo(name, sha, size))
         return [
@@ -91,7 +96,7 @@ class OutboxStore(StoreBase):
                 select(Project.id).where(Project.name == project)
             ).scalar_one()
             for chunk in chunks(pks):
-                conn.execute(update(TASKS).where(Task.id.in_(list(chunk))).values(exported=True))
+                conn.execute(_MARK_EXPORTED, {"pks": list(chunk)})
             changed = conn.execute(
                 update(OUTBOX_FILES)
                 .where(OutboxFile.project_id == project_id)

@@ -48,6 +48,36 @@ from hub.quorum import PendingRec
 from hub.scheduler import LeaseRec, Snapshot, TaskRec
 from issc.errors import StoreError
 
+# The hot path's statements, built once: building one costs more than running it for a
+# batch of a few rows.
+_INSERT_LEASES = insert(LEASES)
+_INSERT_PENDING = insert(PENDING_RESULTS)
+_INSERT_OUTPUTS = insert(OUTPUTS)
+_INSERT_RESULTS = insert(RESULTS)
+_JUDGE = (
+    update(PENDING_RESULTS)
+    .where(PENDING_RESULTS.c.lease_id == bindparam("b_lease"))
+    .values(verdict=bindparam("b_verdict"))
+)
+_TRUST = (
+    update(VOLUNTEERS)
+    .where(VOLUNTEERS.c.name == bindparam("b_name"))
+    .values(
+        agreed=VOLUNTEERS.c.agreed + bindparam("b_agreed"),
+        disagreed=VOLUNTEERS.c.disagreed + bindparam("b_disagreed"),
+        trusted=bindparam("b_trusted"),
+        trust_streak=bindparam("b_streak"),
+    )
+)
+_CREDIT = (
+    update(VOLUNTEERS)
+    .where(VOLUNTEERS.c.name == bindparam("b_name"))
+    .values(
+        tasks_completed=VOLUNTEERS.c.tasks_completed + bindparam("b_n"),
+        credit=VOLUNTEERS.c.credit + bindparam("b_cpu"),
+    )
+)
+
 
 class SchedulerStore(StoreBase):
     """Part of ``Store``: what the scheduler starts from and what it changes."""
@@ -203,7 +233,7 @@ class SchedulerStore(StoreBase):
                     if isinstance(c, LeaseOffered)
                 ]
                 if offered:
-                    conn.execute(insert(LEASES), offered)
+                    conn.execute(_INSERT_LEASES, offered)
                 update_by_id(
                     conn,
                     LEASES,
@@ -283,19 +313,14 @@ class SchedulerStore(StoreBase):
             if isinstance(c, ResultPending)
         ]
         if pending:
-            conn.execute(insert(PENDING_RESULTS), pending)
+            conn.execute(_INSERT_PENDING, pending)
         verdicts = [
             {"b_lease": c.lease, "b_verdict": c.verdict}
             for c in changes
             if isinstance(c, ResultJudged)
         ]
         if verdicts:
-            conn.execute(
-                update(PENDING_RESULTS)
-                .where(PENDING_RESULTS.c.lease_id == bindparam("b_lease"))
-                .values(verdict=bindparam("b_verdict")),
-                verdicts,
-            )
+            conn.execute(_JUDGE, verdicts)
         trust = [
             {
                 "b_name": c.volunteer,
@@ -309,17 +334,7 @@ class SchedulerStore(StoreBase):
         ]
         if trust:
             # In order, one statement per change: the last word on trust wins.
-            conn.execute(
-                update(VOLUNTEERS)
-                .where(VOLUNTEERS.c.name == bindparam("b_name"))
-                .values(
-                    agreed=VOLUNTEERS.c.agreed + bindparam("b_agreed"),
-                    disagreed=VOLUNTEERS.c.disagreed + bindparam("b_disagreed"),
-                    trusted=bindparam("b_trusted"),
-                    trust_streak=bindparam("b_streak"),
-                ),
-                trust,
-            )
+            conn.execute(_TRUST, trust)
 
     def _write_finished(self, conn: Any, finished: list[TaskFinished]) -> None:
         update_by_id(
@@ -350,10 +365,10 @@ class SchedulerStore(StoreBase):
             insert_blobs(
                 conn, {f.sha256: f.size for c in completed for f in c.files}, completed[0].at
             )
-            conn.execute(insert(OUTPUTS), outputs)
+            conn.execute(_INSERT_OUTPUTS, outputs)
         if completed:
             conn.execute(
-                insert(RESULTS),
+                _INSERT_RESULTS,
                 [
                     {
                         "lease_id": c.lease,
@@ -378,11 +393,6 @@ class SchedulerStore(StoreBase):
                         credit[volunteer] = (n + 1, cpu + seconds)
             if credit:
                 conn.execute(
-                    update(VOLUNTEERS)
-                    .where(VOLUNTEERS.c.name == bindparam("b_name"))
-                    .values(
-                        tasks_completed=VOLUNTEERS.c.tasks_completed + bindparam("b_n"),
-                        credit=VOLUNTEERS.c.credit + bindparam("b_cpu"),
-                    ),
+                    _CREDIT,
                     [{"b_name": k, "b_n": n, "b_cpu": cpu} for k, (n, cpu) in credit.items()],
                 )
