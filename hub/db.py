@@ -23,9 +23,11 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool, StaticPool
-from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import Update, UpdateBase
 
 from hub.events import ProjectInfo
 from hub.models import (
@@ -75,7 +77,7 @@ def chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
         yield items[start : start + size]
 
 
-def update_by_id(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+def update_by_id(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """``UPDATE table SET ... WHERE id = :id`` for every row, as one executemany.
 
     Every row must have the same keys: ``id`` and the columns to set.
@@ -83,10 +85,55 @@ def update_by_id(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     columns = tuple(key for key in rows[0] if key != "id")
-    conn.execute(
+    execute_many(
+        conn,
         _update_by_id(table, columns),
         [{f"b_{key}": value for key, value in row.items()} for row in rows],
     )
+
+
+def execute_many(conn: Connection, statement: UpdateBase, rows: list[dict[str, Any]]) -> None:
+    """``statement`` once per row, in ``conn``'s transaction, straight to the driver.
+
+    For the scheduler's batches: ``Connection.execute`` spends about 50 us a call and 8
+    a row on parameter processing that these statements (plain ints, floats, strings and
+    booleans, every column named in the rows) do not need; the driver's executemany
+    spends about 2. The SQL is compiled once per statement, dialect and set of keys.
+    """
+    if not rows:
+        return
+    keys = tuple(rows[0])
+    plan = _plan(statement, conn.dialect, keys)
+    if plan is None:  # defaults to fill in, or a driver whose style we do not pass
+        conn.execute(statement, rows)
+        return
+    sql, positions = plan
+    params = rows if positions is None else [tuple(row[n] for n in positions) for row in rows]
+    driver_error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany(sql, params)
+    except driver_error as exc:
+        # As Connection.execute would raise it: callers and the retry policy know these.
+        raise DBAPIError.instance(sql, params, exc, driver_error) from exc
+    finally:
+        cursor.close()
+
+
+@functools.cache
+def _plan(
+    statement: UpdateBase, dialect: Dialect, keys: tuple[str, ...]
+) -> tuple[str, tuple[str, ...] | None] | None:
+    """(SQL, parameter names in order, or None for named parameters), or None when the
+    compiled statement wants a parameter the rows do not carry (a Python-side default)."""
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    assert isinstance(compiled, SQLCompiler)
+    if compiled.positiontup is not None:
+        names = tuple(compiled.positiontup)
+        return (compiled.string, names) if set(names) <= set(keys) else None
+    if dialect.paramstyle == "pyformat" and set(compiled.bind_names.values()) <= set(keys):
+        return compiled.string, None
+    return None
 
 
 @functools.cache

@@ -38,6 +38,7 @@ from hub.db import (
     TASKS,
     VOLUNTEERS,
     StoreBase,
+    execute_many,
     insert_blobs,
     project_info,
     update_by_id,
@@ -233,7 +234,7 @@ class SchedulerStore(StoreBase):
                     if isinstance(c, LeaseOffered)
                 ]
                 if offered:
-                    conn.execute(_INSERT_LEASES, offered)
+                    execute_many(conn, _INSERT_LEASES, offered)
                 update_by_id(
                     conn,
                     LEASES,
@@ -313,14 +314,14 @@ class SchedulerStore(StoreBase):
             if isinstance(c, ResultPending)
         ]
         if pending:
-            conn.execute(_INSERT_PENDING, pending)
+            execute_many(conn, _INSERT_PENDING, pending)
         verdicts = [
             {"b_lease": c.lease, "b_verdict": c.verdict}
             for c in changes
             if isinstance(c, ResultJudged)
         ]
         if verdicts:
-            conn.execute(_JUDGE, verdicts)
+            execute_many(conn, _JUDGE, verdicts)
         trust = [
             {
                 "b_name": c.volunteer,
@@ -334,7 +335,7 @@ class SchedulerStore(StoreBase):
         ]
         if trust:
             # In order, one statement per change: the last word on trust wins.
-            conn.execute(_TRUST, trust)
+            execute_many(conn, _TRUST, trust)
 
     def _write_finished(self, conn: Any, finished: list[TaskFinished]) -> None:
         update_by_id(
@@ -365,9 +366,10 @@ class SchedulerStore(StoreBase):
             insert_blobs(
                 conn, {f.sha256: f.size for c in completed for f in c.files}, completed[0].at
             )
-            conn.execute(_INSERT_OUTPUTS, outputs)
+            execute_many(conn, _INSERT_OUTPUTS, outputs)
         if completed:
-            conn.execute(
+            execute_many(
+                conn,
                 _INSERT_RESULTS,
                 [
                     {
@@ -392,7 +394,8 @@ class SchedulerStore(StoreBase):
                         n, cpu = credit.get(volunteer, (0, 0.0))
                         credit[volunteer] = (n + 1, cpu + seconds)
             if credit:
-                conn.execute(
+                execute_many(
+                    conn,
                     _CREDIT,
                     [{"b_name": k, "b_n": n, "b_cpu": cpu} for k, (n, cpu) in credit.items()],
                 )

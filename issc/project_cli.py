@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from issc.bundle import bundle_digest, pack_bundle, verify_bundle
 from issc.errors import IsscError
-from issc.fsutil import fsync_dir
+from issc.fsutil import fsync_dir, rename_no_replace
 from issc.keys import generate_key, load_private_key, load_public_key_arg, public_key_string
 from issc.names import PLAIN_NAME_RE
 from issc.rotation import extend_chain, walked_keys
@@ -377,14 +377,18 @@ def _copy_synced(source: Path, tmp: Path) -> None:
 def _publish_no_replace(tmp: Path, target: Path) -> None:
     """Give ``tmp`` the name ``target`` atomically, failing if ``target`` exists.
 
-    os.rename would silently replace a file the hub has not ingested yet; a hard link fails
-    with EEXIST instead, atomically. Where hard links are unsupported, fall back to a
-    check-then-rename, which is only racy against another submitter.
+    os.rename would silently replace a file the hub has not ingested yet. A rename that
+    refuses to replace (Linux's renameat2) is the first choice: the hub hears of it at
+    once (inotify's IN_MOVED_TO, hub/dirwatch.py). Else a hard link, which fails with
+    EEXIST atomically too (the hub then finds the file at its next poll); where hard
+    links are unsupported, a check-then-rename, only racy against another submitter.
 
     Raises:
         FileExistsError: ``target`` exists.
         OSError: anything else.
     """
+    if rename_no_replace(tmp, target):
+        return
     try:
         os.link(tmp, target)
     except FileExistsError:

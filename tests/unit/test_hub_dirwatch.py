@@ -14,6 +14,7 @@ from hub import runtime as runtime_module
 from hub.app import serving
 from hub.dirwatch import DirWatch
 from issc.config import load_hub_config
+from issc.project_cli import drop_into_inbox
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,6 +34,18 @@ def test_a_file_renamed_in_or_closed_after_writing_is_completed(tmp_path: Path) 
     assert watch.read_events()
     assert watch.take() == {".tasks.jsonl.tmp", "tasks.jsonl", "copied.yaml"}
     assert watch.take() == set()
+    watch.close()
+
+
+def test_issc_project_submit_drops_a_completed_file(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    watch = watch_of(inbox)
+    source = tmp_path / "tasks.jsonl"
+    source.write_text('{"project": "p", "id": "1", "input": 1}\n')
+    drop_into_inbox(source, inbox)
+    assert watch.read_events()
+    assert "tasks.jsonl" in watch.take()
     watch.close()
 
 

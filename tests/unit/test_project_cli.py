@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -189,13 +188,13 @@ def test_submit_writes_a_hidden_complete_temp_file_first(
     # The hub ignores names starting with "."; the real name must appear only once the
     # data is complete, in a single step.
     seen: list[tuple[str, bytes, bool]] = []
-    real_link = os.link
+    real_rename = project_cli.rename_no_replace
 
-    def spy_link(src: str | Path, dst: str | Path) -> None:
-        seen.append((Path(src).name, Path(src).read_bytes(), Path(dst).exists()))
-        real_link(src, dst)
+    def spy_rename(src: Path, dst: Path) -> bool:
+        seen.append((src.name, src.read_bytes(), dst.exists()))
+        return real_rename(src, dst)
 
-    monkeypatch.setattr(os, "link", spy_link)
+    monkeypatch.setattr(project_cli, "rename_no_replace", spy_rename)
     source = tmp_path / "tasks.jsonl"
     source.write_bytes(b'{"project": "primes", "id": "1", "input": 1}\n' * 1000)
     drop_into_inbox(source, inbox)
@@ -206,6 +205,25 @@ def test_submit_writes_a_hidden_complete_temp_file_first(
     assert data_at_publish == source.read_bytes()
     assert not target_existed
     assert _files_in(inbox) == ["tasks.jsonl"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "hard-link"])
+def test_submit_never_replaces_a_file_not_yet_ingested(
+    tmp_path: Path, inbox: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool
+) -> None:
+    # renameat2(RENAME_NOREPLACE) where the system has it, else a hard link: both refuse.
+    if not renameat2:
+        monkeypatch.setattr(project_cli, "rename_no_replace", lambda src, dst: False)
+    (inbox / "tasks.yaml").write_text("not yet ingested")
+    source = tmp_path / "tasks.yaml"
+    source.write_text("project: primes\ntasks: []\n")
+    with pytest.raises(IsscError, match="already in the inbox"):
+        drop_into_inbox(source, inbox)
+    assert (inbox / "tasks.yaml").read_text() == "not yet ingested"
+    assert _files_in(inbox) == ["tasks.yaml"]  # no temp file left
+    (inbox / "tasks.yaml").unlink()
+    drop_into_inbox(source, inbox)
+    assert (inbox / "tasks.yaml").read_text() == source.read_text()
 
 
 def test_submit_refuses_a_name_already_in_the_inbox(
@@ -542,13 +560,13 @@ def test_copy_input_file_uses_a_hidden_temp_name_beside_the_target(
     tmp_path: Path, inbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[Path, bytes]] = []
-    real_link = os.link
+    real_rename = project_cli.rename_no_replace
 
-    def spy_link(src: str | Path, dst: str | Path) -> None:
-        seen.append((Path(src), Path(src).read_bytes()))
-        real_link(src, dst)
+    def spy_rename(src: Path, dst: Path) -> bool:
+        seen.append((src, src.read_bytes()))
+        return real_rename(src, dst)
 
-    monkeypatch.setattr(os, "link", spy_link)
+    monkeypatch.setattr(project_cli, "rename_no_replace", spy_rename)
     source = tmp_path / "data.bin"
     source.write_bytes(b"\x00data" * 1000)
     target = inbox / "deep" / "er" / "data.bin"
