@@ -29,7 +29,8 @@ MAX_NAMES = 10_000  # names remembered between scans; beyond, polling finds the 
 
 
 class DirWatch:
-    """Names of files completed in one directory since the last ``take``.
+    """Names of files completed in one directory since the last ``take``, hidden ones
+    (starting with ".", which the inbox never reads) left out.
 
     ``fileno`` is readable when events wait; call ``read_events`` then. On a system
     without inotify ``available`` is False and the caller polls alone.
@@ -62,7 +63,8 @@ class DirWatch:
         return self._fd
 
     def read_events(self) -> bool:
-        """Drain the waiting events; True if a file was completed (or events were lost)."""
+        """Drain the waiting events; True if a file not hidden (a name not starting with
+        ".") was completed, or events were lost."""
         completed = False
         while True:
             try:
@@ -75,11 +77,11 @@ class DirWatch:
                 offset += _EVENT.size
                 name = data[offset : offset + length].rstrip(b"\0")
                 offset += length
-                completed = True
                 if mask & IN_Q_OVERFLOW or len(self._completed) >= MAX_NAMES:
-                    self.overflowed = True  # names lost: the poll finds these files
-                elif name:
+                    self.overflowed = completed = True  # names lost: the poll finds them
+                elif name and not name.startswith(b"."):  # hidden: never read, no news
                     self._completed.add(os.fsdecode(name))
+                    completed = True
 
     def take(self) -> set[str]:
         """The names completed since the last call (and forget them)."""
