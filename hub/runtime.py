@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +38,7 @@ from hub.dirwatch import DirWatch
 from hub.inbox import Inbox
 from hub.lifecycle import TaskState
 from hub.outbox import Outbox
-from hub.retry import brief, is_disk_full
+from hub.retry import RetryPolicy, brief, is_disk_full
 from hub.scheduler import Scheduler, Snapshot
 from hub.session import NodeSession
 from hub.store import AsyncStore, Store
@@ -65,19 +64,20 @@ from issc.resultsig import Given, given_of, returned_of, verify_result
 log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between timer rounds (offer and heartbeat expiry)
-INBOX_POLL = 0.5
-RETRY_DELAY = 5.0  # the longest pause between two tries of a failing export or inbox scan
+INBOX_POLL = 0.5  # seconds between inbox scans that inotify did not ask for
+# After a database or disk error in the inbox or outbox, the failing scan or export is
+# tried again after 0.25 s, then twice the pause before, up to 5 s (with jitter).
+RETRY_BACKOFF = RetryPolicy(first=0.25, cap=5.0)
 EXPORT_COALESCE = 0.2  # seconds; results.jsonl trails the database by at most about this
 EXPORT_PAUSE = 4.0  # an export of d seconds is followed by a pause of up to 4 d
-MAX_OUTPUT_FILES = 64  # after a database or disk error in the inbox or outbox
+MAX_OUTPUT_FILES = 64  # output files one result may carry
 MAX_OFFER_BYTES = 2 * 1024 * 1024  # inputs per offer message, well under the frame limit
 RATE_WINDOW = 10  # seconds over which tasks_per_second is measured
-# While degraded: the first probe of the store and the disk comes after PROBE_FIRST
-# seconds, each later one after twice the pause before it, up to PROBE_CAP (with jitter).
-PROBE_FIRST = 0.5
-PROBE_CAP = 5.0
+# While degraded: the first probe of the store and the disk comes after 0.5 s, each
+# later one after twice the pause before it, up to 5 s (with jitter).
+PROBE_BACKOFF = RetryPolicy(first=0.5, cap=5.0)
 PROBE_BYTES = 1024 * 1024  # free space the data directory must have: one upload chunk
-STEADY = 60.0  # seconds healthy after which a new outage starts probing from PROBE_FIRST
+STEADY = 60.0  # seconds healthy after which a new outage starts probing from the first pause
 _MESSAGE_TYPES = (
     ev.SendWelcome,
     ev.SendOffers,
@@ -142,7 +142,7 @@ class HubRuntime:
         self._healthy.set()
         self._degraded_at = 0.0  # monotonic
         self._recovered_at = -STEADY  # monotonic
-        self._probe_delay = PROBE_FIRST
+        self._probes = 0  # probes of this outage so far (the next pause grows with them)
         self.outages = 0  # times the hub was degraded, this run
         self._round_committed = False
 
@@ -451,7 +451,7 @@ class HubRuntime:
         self.astore.fail_fast = True  # the recovery probes; readers get an error at once
         now = time.monotonic()
         if now - self._recovered_at > STEADY:
-            self._probe_delay = PROBE_FIRST  # else it goes on from where the last outage was
+            self._probes = 0  # else it goes on from where the last outage was
         self._degraded_at = now
         sessions = list(self.sessions.values())
         log.error(
@@ -477,9 +477,8 @@ class HubRuntime:
         then rebuild the scheduler from the database, exactly as at start-up."""
         attempts = 0
         while True:
-            delay = self._probe_delay
-            self._probe_delay = min(PROBE_CAP, delay * 2)
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(PROBE_BACKOFF.delay(self._probes))
+            self._probes += 1
             attempts += 1
             try:
                 await self.astore.call(self.store.probe, self.now())
@@ -847,5 +846,4 @@ def _settle(waiters: Sequence[asyncio.Future[None]], error: Exception | None) ->
 
 def _backoff(failures: int) -> float:
     """Seconds before the next try after ``failures`` failures in a row (with jitter)."""
-    step = min(RETRY_DELAY, 0.25 * 2**failures)
-    return random.uniform(step / 2, step)
+    return RETRY_BACKOFF.delay(failures)

@@ -30,6 +30,7 @@ from hub.changes import Change
 from hub.events import NodeJoined, ProjectCancelled, SlotsFree
 from hub.inbox import Inbox
 from hub.outbox import Outbox
+from hub.retry import RetryPolicy
 from hub.runtime import HubRuntime
 from hub.scheduler import Scheduler, Settings
 from hub.store import Store, TaskEntry
@@ -110,8 +111,7 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
-    monkeypatch.setattr(runtime_module, "PROBE_FIRST", 0.02)
-    monkeypatch.setattr(runtime_module, "PROBE_CAP", 0.05)
+    monkeypatch.setattr(runtime_module, "PROBE_BACKOFF", RetryPolicy(first=0.02, cap=0.05))
     monkeypatch.setattr(runtime_module, "EXPORT_COALESCE", 0.0)
     store = FlakyStore(f"sqlite:///{tmp_path / 'hub.db'}")
     store.create_schema()
