@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hub.changes import (
+    FileInfo,
     LeaseAccepted,
     LeaseEnded,
     LeaseOffered,
@@ -712,20 +713,49 @@ class Scheduler:
             self._out.append(SendCancel(node_id, tuple(leases), event.reason))
 
     def _cancel_task(self, task: TaskRec, lease: LeaseRec | None, event: ProjectCancelled) -> None:
-        task.state = next_state(task.state, TaskEvent.CANCEL)
+        self._close(
+            task,
+            TaskEvent.CANCEL,
+            event.now,
+            lease=lease.id if lease is not None else None,
+            node_id=lease.node_id if lease is not None else None,
+            volunteer=lease.volunteer if lease is not None else None,
+            error=event.reason,
+        )
+
+    def _close(
+        self,
+        task: TaskRec,
+        event: TaskEvent,
+        now: float,
+        *,
+        lease: int | None,
+        node_id: str | None,
+        volunteer: str | None,
+        result: Any = None,
+        error: str | None = None,
+        cpu_seconds: float = 0.0,
+        wall_seconds: float = 0.0,
+        files: tuple[FileInfo, ...] = (),
+        credits: tuple[tuple[str, float], ...] | None = None,
+    ) -> None:
+        """The task reaches C, F or X by ``event``: written with its result, forgotten."""
+        task.state = next_state(task.state, event)
         self._out.append(
             TaskFinished(
                 task_pk=task.pk,
                 state=task.state,
                 attempts=task.attempts,
-                lease=lease.id if lease is not None else None,
-                node_id=lease.node_id if lease is not None else None,
-                volunteer=(lease.volunteer or None) if lease is not None else None,
-                result=None,
-                error=event.reason,
-                cpu_seconds=0.0,
-                wall_seconds=0.0,
-                at=event.now,
+                lease=lease,
+                node_id=node_id or None,
+                volunteer=volunteer or None,
+                result=result,
+                error=error,
+                cpu_seconds=cpu_seconds,
+                wall_seconds=wall_seconds,
+                at=now,
+                files=files,
+                credits=credits,
             )
         )
         self._forget(task)
@@ -802,24 +832,20 @@ class Scheduler:
             self._end_replicas(task, f"lease {lease.id} finished", "task completed elsewhere", now)
         elif task.leases:
             self._end_replicas(task, "task failed", "task failed elsewhere", now)
-        task.state = next_state(task.state, event)
-        self._out.append(
-            TaskFinished(
-                task_pk=task.pk,
-                state=task.state,
-                attempts=task.attempts,
-                lease=lease.id,
-                node_id=lease.node_id or None,
-                volunteer=lease.volunteer or None,
-                result=result.result if result and result.ok else None,
-                error=error,
-                cpu_seconds=self._credited_cpu(task, result),
-                wall_seconds=result.wall_seconds if result else 0.0,
-                at=now,
-                files=result.files if result and result.ok else (),
-            )
+        ok = result is not None and result.ok
+        self._close(
+            task,
+            event,
+            now,
+            lease=lease.id,
+            node_id=lease.node_id,
+            volunteer=lease.volunteer,
+            result=result.result if result and ok else None,
+            error=error,
+            cpu_seconds=self._credited_cpu(task, result),
+            wall_seconds=result.wall_seconds if result else 0.0,
+            files=result.files if result and ok else (),
         )
-        self._forget(task)
 
     def _forget(self, task: TaskRec) -> None:
         """The task is finished: drop what memory held for it."""
@@ -960,49 +986,35 @@ class Scheduler:
             self._unindex(rec.volunteer, task.pk)
         task.pending = []
         self._end_replicas(task, f"lease {agreed.lease} finished", "task completed elsewhere", now)
-        task.state = next_state(task.state, TaskEvent.COMPLETE)
-        self._out.append(
-            TaskFinished(
-                task_pk=task.pk,
-                state=task.state,
-                attempts=task.attempts,
-                lease=agreed.lease,
-                node_id=agreed.node_id or None,
-                volunteer=agreed.volunteer or None,
-                result=agreed.result,
-                error=None,
-                cpu_seconds=agreed.cpu_seconds,
-                wall_seconds=agreed.wall_seconds,
-                at=now,
-                files=agreed.files,
-                credits=tuple(credits),
-            )
+        self._close(
+            task,
+            TaskEvent.COMPLETE,
+            now,
+            lease=agreed.lease,
+            node_id=agreed.node_id,
+            volunteer=agreed.volunteer,
+            result=agreed.result,
+            cpu_seconds=agreed.cpu_seconds,
+            wall_seconds=agreed.wall_seconds,
+            files=agreed.files,
+            credits=tuple(credits),
         )
-        self._forget(task)
 
     def _fail_unagreed(self, task: TaskRec, project: ProjectInfo, now: float) -> None:
         """F: the bound of results is reached and no group of them agrees."""
         error = describe_disagreement(task.pending, project.quorum, project.tolerance, self.trusted)
         last = task.pending[-1]
         self._end_replicas(task, "task failed", "task failed elsewhere", now)
-        task.state = next_state(task.state, TaskEvent.GIVE_UP)
-        self._out.append(
-            TaskFinished(
-                task_pk=task.pk,
-                state=task.state,
-                attempts=task.attempts,
-                lease=last.lease,
-                node_id=last.node_id or None,
-                volunteer=last.volunteer or None,
-                result=None,
-                error=error,
-                cpu_seconds=0.0,
-                wall_seconds=0.0,
-                at=now,
-                credits=(),
-            )
+        self._close(  # every pending result: unresolved
+            task,
+            TaskEvent.GIVE_UP,
+            now,
+            lease=last.lease,
+            node_id=last.node_id,
+            volunteer=last.volunteer,
+            error=error,
+            credits=(),
         )
-        self._forget(task)  # every pending result: unresolved
 
     def _wrong_answer(
         self, task: TaskRec, lease: LeaseRec, volunteer: str, event: ResultReceived
