@@ -8,7 +8,7 @@ declared once on ``StoreBase``, and these helpers.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -26,8 +26,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool, StaticPool
+from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Update, UpdateBase
+from sqlalchemy.sql.elements import BindParameter
 
 from hub.events import ProjectInfo
 from hub.models import (
@@ -118,6 +120,43 @@ def execute_many(conn: Connection, statement: UpdateBase, rows: list[dict[str, A
         raise DBAPIError.instance(sql, params, exc, driver_error) from exc
     finally:
         cursor.close()
+
+
+InQuery = Callable[[list[BindParameter[Any]]], ClauseElement]  # a query on an IN (...) list
+
+
+def select_in(conn: Connection, query: InQuery, keys: Sequence[Any]) -> list[Any]:
+    """The rows of ``query(params)`` whose ``IN (params)`` gets ``keys``, straight from
+    the driver (for the offers' reads, once per scheduler round; see ``execute_many``).
+
+    The IN list is padded to a power of two by repeating the last key (IN matches a row
+    once however often its key is listed), so that a handful of compiled shapes serve
+    every batch size. At most CHUNK keys.
+    """
+    if not keys:
+        return []
+    size = 1 << (len(keys) - 1).bit_length()
+    sql, positions = _select_plan(query, conn.dialect, size)
+    padded = [*keys, *[keys[-1]] * (size - len(keys))]
+    named = {f"k{i}": key for i, key in enumerate(padded)}
+    params = named if positions is None else tuple(named[n] for n in positions)
+    driver_error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+    except driver_error as exc:
+        raise DBAPIError.instance(sql, params, exc, driver_error) from exc
+    finally:
+        cursor.close()
+
+
+@functools.cache
+def _select_plan(query: InQuery, dialect: Dialect, size: int) -> tuple[str, tuple[str, ...] | None]:
+    compiled = query([bindparam(f"k{i}") for i in range(size)]).compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler)
+    positions = compiled.positiontup
+    return compiled.string, None if positions is None else tuple(positions)
 
 
 @functools.cache

@@ -7,26 +7,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import ClauseElement, insert, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import BindParameter
 
 from hub.changes import FileInfo
-from hub.db import INBOX_FILES, TASK_INPUTS, TASKS, StoreBase, chunks, insert_blobs
+from hub.db import INBOX_FILES, TASK_INPUTS, TASKS, StoreBase, chunks, insert_blobs, select_in
 from hub.models import Blob, Bundle, InboxFile, Project, Task, TaskInput
 from issc.errors import StoreError, TaskFileError
 
 OfferPayload = tuple[str, str, list[FileInfo]]  # (task id, input JSON, input files)
 
-# Offers read these for every task sent: built once (see hub/db.py's update_by_id).
-_PAYLOADS = select(Task.id, Task.name, Task.input_json).where(
-    Task.id.in_(bindparam("pks", expanding=True))
-)
-_INPUT_FILES = (
-    select(TaskInput.task_id, TaskInput.name, TaskInput.sha256, Blob.size)
-    .join(Blob, Blob.sha256 == TaskInput.sha256)
-    .where(TaskInput.task_id.in_(bindparam("pks", expanding=True)))
-    .order_by(TaskInput.task_id, TaskInput.name)
-)
+
+def _payloads(keys: list[BindParameter[Any]]) -> ClauseElement:
+    return select(Task.id, Task.name, Task.input_json).where(Task.id.in_(keys))
+
+
+def _input_files(keys: list[BindParameter[Any]]) -> ClauseElement:
+    return (
+        select(TaskInput.task_id, TaskInput.name, TaskInput.sha256, Blob.size)
+        .join(Blob, Blob.sha256 == TaskInput.sha256)
+        .where(TaskInput.task_id.in_(keys))
+        .order_by(TaskInput.task_id, TaskInput.name)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +162,8 @@ class InboxStore(StoreBase):
         out: dict[int, OfferPayload] = {}
         with self.engine.connect() as conn:
             for chunk in chunks(pks):
-                keys = {"pks": list(chunk)}
-                rows = conn.execute(_PAYLOADS, keys)
+                rows = select_in(conn, _payloads, chunk)
                 out.update((pk, (name, payload, [])) for pk, name, payload in rows)
-                for pk, name, sha, size in conn.execute(_INPUT_FILES, keys):
+                for pk, name, sha, size in select_in(conn, _input_files, chunk):
                     out[pk][2].append(FileInfo(name, sha, size))
         return out
