@@ -8,7 +8,7 @@ declared once on ``StoreBase``, and these helpers.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -23,13 +23,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool, StaticPool
-from sqlalchemy.sql import ClauseElement
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.dml import Update, UpdateBase
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.dml import Update
 
 from hub.events import ProjectInfo
 from hub.models import (
@@ -49,6 +46,7 @@ from hub.models import (
     TaskInput,
     Volunteer,
 )
+from hub.rawsql import execute_many
 from issc.errors import StoreError
 
 T = TypeVar("T")
@@ -92,87 +90,6 @@ def update_by_id(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> 
         _update_by_id(table, columns),
         [{f"b_{key}": value for key, value in row.items()} for row in rows],
     )
-
-
-def execute_many(conn: Connection, statement: UpdateBase, rows: list[dict[str, Any]]) -> None:
-    """``statement`` once per row, in ``conn``'s transaction, straight to the driver.
-
-    For the scheduler's batches: ``Connection.execute`` spends about 50 us a call and 8
-    a row on parameter processing that these statements (plain ints, floats, strings and
-    booleans, every column named in the rows) do not need; the driver's executemany
-    spends about 2. The SQL is compiled once per statement, dialect and set of keys.
-    """
-    if not rows:
-        return
-    keys = tuple(rows[0])
-    plan = _plan(statement, conn.dialect, keys)
-    if plan is None:  # defaults to fill in, or a driver whose style we do not pass
-        conn.execute(statement, rows)
-        return
-    sql, positions = plan
-    params = rows if positions is None else [tuple(row[n] for n in positions) for row in rows]
-    driver_error = conn.dialect.loaded_dbapi.Error
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.executemany(sql, params)
-    except driver_error as exc:
-        # As Connection.execute would raise it: callers and the retry policy know these.
-        raise DBAPIError.instance(sql, params, exc, driver_error) from exc
-    finally:
-        cursor.close()
-
-
-InQuery = Callable[[list[BindParameter[Any]]], ClauseElement]  # a query on an IN (...) list
-
-
-def select_in(conn: Connection, query: InQuery, keys: Sequence[Any]) -> list[Any]:
-    """The rows of ``query(params)`` whose ``IN (params)`` gets ``keys``, straight from
-    the driver (for the offers' reads, once per scheduler round; see ``execute_many``).
-
-    The IN list is padded to a power of two by repeating the last key (IN matches a row
-    once however often its key is listed), so that a handful of compiled shapes serve
-    every batch size. At most CHUNK keys.
-    """
-    if not keys:
-        return []
-    size = 1 << (len(keys) - 1).bit_length()
-    sql, positions = _select_plan(query, conn.dialect, size)
-    padded = [*keys, *[keys[-1]] * (size - len(keys))]
-    named = {f"k{i}": key for i, key in enumerate(padded)}
-    params = named if positions is None else tuple(named[n] for n in positions)
-    driver_error = conn.dialect.loaded_dbapi.Error
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(sql, params)
-        return list(cursor.fetchall())
-    except driver_error as exc:
-        raise DBAPIError.instance(sql, params, exc, driver_error) from exc
-    finally:
-        cursor.close()
-
-
-@functools.cache
-def _select_plan(query: InQuery, dialect: Dialect, size: int) -> tuple[str, tuple[str, ...] | None]:
-    compiled = query([bindparam(f"k{i}") for i in range(size)]).compile(dialect=dialect)
-    assert isinstance(compiled, SQLCompiler)
-    positions = compiled.positiontup
-    return compiled.string, None if positions is None else tuple(positions)
-
-
-@functools.cache
-def _plan(
-    statement: UpdateBase, dialect: Dialect, keys: tuple[str, ...]
-) -> tuple[str, tuple[str, ...] | None] | None:
-    """(SQL, parameter names in order, or None for named parameters), or None when the
-    compiled statement wants a parameter the rows do not carry (a Python-side default)."""
-    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
-    assert isinstance(compiled, SQLCompiler)
-    if compiled.positiontup is not None:
-        names = tuple(compiled.positiontup)
-        return (compiled.string, names) if set(names) <= set(keys) else None
-    if dialect.paramstyle == "pyformat" and set(compiled.bind_names.values()) <= set(keys):
-        return compiled.string, None
-    return None
 
 
 @functools.cache

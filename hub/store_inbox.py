@@ -12,8 +12,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import BindParameter
 
 from hub.changes import FileInfo
-from hub.db import INBOX_FILES, TASK_INPUTS, TASKS, StoreBase, chunks, insert_blobs, select_in
+from hub.db import INBOX_FILES, TASK_INPUTS, TASKS, StoreBase, chunks, insert_blobs
 from hub.models import Blob, Bundle, InboxFile, Project, Task, TaskInput
+from hub.rawsql import select_in
 from issc.errors import StoreError, TaskFileError
 
 OfferPayload = tuple[str, str, list[FileInfo]]  # (task id, input JSON, input files)

@@ -4,44 +4,55 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import ClauseElement, bindparam, insert, select, update
+from sqlalchemy.sql.elements import BindParameter
 
 from hub.changes import FileInfo
 from hub.db import OUTBOX_FILES, PROJECTS, RESULTS, TASKS, StoreBase, chunks
 from hub.lifecycle import FINAL_STATES
 from hub.models import OutboxFile, Output, Project, Task
+from hub.rawsql import select_in, update_in
 
-# Built once: the outbox runs these for every batch of finished tasks.
-_UNEXPORTED = (
-    select(
-        TASKS.c.id,
-        PROJECTS.c.name,
-        TASKS.c.name,
-        TASKS.c.state,
-        RESULTS.c.result_json,
-        TASKS.c.error,
-        TASKS.c.node_id,
-        TASKS.c.volunteer,
-        TASKS.c.attempts,
-        TASKS.c.cpu_seconds,
-        TASKS.c.finished_at,
-        TASKS.c.lease_id,
+# The outbox runs these for every batch of finished tasks (hub/rawsql.py).
+_FINAL = [str(state) for state in FINAL_STATES]
+
+
+def _unexported(states: list[BindParameter[Any]]) -> ClauseElement:
+    return (
+        select(
+            TASKS.c.id,
+            PROJECTS.c.name,
+            TASKS.c.name,
+            TASKS.c.state,
+            RESULTS.c.result_json,
+            TASKS.c.error,
+            TASKS.c.node_id,
+            TASKS.c.volunteer,
+            TASKS.c.attempts,
+            TASKS.c.cpu_seconds,
+            TASKS.c.finished_at,
+            TASKS.c.lease_id,
+        )
+        .join(PROJECTS, PROJECTS.c.id == TASKS.c.project_id)
+        .outerjoin(RESULTS, RESULTS.c.lease_id == TASKS.c.lease_id)
+        .where(TASKS.c.exported.is_(False), TASKS.c.state.in_(states))
+        .order_by(TASKS.c.finished_at, TASKS.c.id)
+        .limit(bindparam("limit"))
     )
-    .join(PROJECTS, PROJECTS.c.id == TASKS.c.project_id)
-    .outerjoin(RESULTS, RESULTS.c.lease_id == TASKS.c.lease_id)
-    .where(TASKS.c.exported.is_(False), TASKS.c.state.in_([str(s) for s in FINAL_STATES]))
-    .order_by(TASKS.c.finished_at, TASKS.c.id)
-    .limit(bindparam("limit"))
-)
-_OUTPUTS_OF = (
-    select(Output.lease_id, Output.name, Output.sha256, Output.size)
-    .where(Output.lease_id.in_(bindparam("leases", expanding=True)))
-    .order_by(Output.lease_id, Output.name)
-)
-_MARK_EXPORTED = (
-    update(TASKS).where(Task.id.in_(bindparam("pks", expanding=True))).values(exported=True)
-)
+
+
+def _outputs_of(leases: list[BindParameter[Any]]) -> ClauseElement:
+    return (
+        select(Output.lease_id, Output.name, Output.sha256, Output.size)
+        .where(Output.lease_id.in_(leases))
+        .order_by(Output.lease_id, Output.name)
+    )
+
+
+def _mark_exported(pks: list[BindParameter[Any]]) -> ClauseElement:
+    return update(TASKS).where(Task.id.in_(pks)).values(exported=bindparam("exported"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +79,12 @@ class OutboxStore(StoreBase):
 
     def unexported(self, limit: int) -> list[FinishedTask]:
         with self.engine.connect() as conn:
-            tasks = [FinishedTask(*row) for row in conn.execute(_UNEXPORTED, {"limit": limit})]
+            rows = select_in(conn, _unexported, _FINAL, {"limit": limit})
+            tasks = [FinishedTask(*row) for row in rows]
             leases = [t.lease for t in tasks if t.state == "C" and t.lease is not None]
             files: dict[int, list[FileInfo]] = {}
             for chunk in chunks(leases):
-                rows = conn.execute(_OUTPUTS_OF, {"leases": list(chunk)})
+                rows = select_in(conn, _outputs_of, chunk)
                 for lease, name, sha, size in rows:
                     files.setdefault(lease, []).append(FileInfo(name, sha, size))
         return [
@@ -96,7 +108,7 @@ class OutboxStore(StoreBase):
                 select(Project.id).where(Project.name == project)
             ).scalar_one()
             for chunk in chunks(pks):
-                conn.execute(_MARK_EXPORTED, {"pks": list(chunk)})
+                update_in(conn, _mark_exported, chunk, {"exported": True})
             changed = conn.execute(
                 update(OUTBOX_FILES)
                 .where(OutboxFile.project_id == project_id)

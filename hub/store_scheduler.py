@@ -38,7 +38,6 @@ from hub.db import (
     TASKS,
     VOLUNTEERS,
     StoreBase,
-    execute_many,
     insert_blobs,
     project_info,
     update_by_id,
@@ -46,6 +45,7 @@ from hub.db import (
 from hub.lifecycle import TaskState
 from hub.models import Lease, Node, PendingResult, Task, Volunteer
 from hub.quorum import PendingRec
+from hub.rawsql import execute_many
 from hub.scheduler import LeaseRec, Snapshot, TaskRec
 from issc.errors import StoreError
 
