@@ -541,9 +541,16 @@ class HubRuntime:
                 messages.append(item)
             else:
                 changes.append(item)
+        # The payloads of every offer of the round, read in its commit's transaction: one
+        # read, not one per node (thousands of nodes asking for one task each), and no
+        # second trip to the store's thread.
+        offered = [
+            item.task_pk for m in messages if isinstance(m, ev.SendOffers) for item in m.items
+        ]
+        payloads: Mapping[int, OfferPayload] = {}
         if changes:
             # A failure here degrades the hub (see pump): memory is ahead of the database.
-            await self.astore.call(self.store.apply, changes)
+            payloads = await self.astore.call(self.store.apply, changes, offered)
             faults.point("runtime.after_commit")  # committed, nothing of it told yet
             self._round_committed = True
             self.batches += 1
@@ -564,12 +571,8 @@ class HubRuntime:
                         await asyncio.to_thread(self._discard_uploads, finished)
                 except OSError as exc:  # left for the next round that finishes a task
                     log.warning("uploads: cannot remove partial uploads: %s", exc)
-        # One read for the payloads of every offer of the round, not one per node: with
-        # thousands of nodes asking for one task each, that is thousands of queries.
-        offered = [
-            item.task_pk for m in messages if isinstance(m, ev.SendOffers) for item in m.items
-        ]
-        payloads = await self.astore.call(self.store.offer_payloads, offered) if offered else {}
+        elif offered:  # not made by the scheduler (an offer is a new lease), but cheap to allow
+            payloads = await self.astore.call(self.store.offer_payloads, offered)
         for message in messages:
             self._deliver(message, payloads)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ClauseElement, insert, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import BindParameter
 
@@ -58,6 +59,17 @@ def _insert_task_inputs(
         return
     insert_blobs(conn, {f.sha256: f.size for entry in entries for f in entry.files}, now)
     conn.execute(insert(TASK_INPUTS), rows)
+
+
+def read_offer_payloads(conn: Connection, pks: Sequence[int]) -> dict[int, OfferPayload]:
+    """task key -> (task id, input JSON, input files) for building offers."""
+    out: dict[int, OfferPayload] = {}
+    for chunk in chunks(pks):
+        rows = select_in(conn, _payloads, chunk)
+        out.update((pk, (name, payload, [])) for pk, name, payload in rows)
+        for pk, name, sha, size in select_in(conn, _input_files, chunk):
+            out[pk][2].append(FileInfo(name, sha, size))
+    return out
 
 
 class InboxStore(StoreBase):
@@ -160,11 +172,5 @@ class InboxStore(StoreBase):
 
     def offer_payloads(self, pks: Sequence[int]) -> dict[int, OfferPayload]:
         """task key -> (task id, input JSON, input files) for building offers."""
-        out: dict[int, OfferPayload] = {}
         with self.engine.connect() as conn:
-            for chunk in chunks(pks):
-                rows = select_in(conn, _payloads, chunk)
-                out.update((pk, (name, payload, [])) for pk, name, payload in rows)
-                for pk, name, sha, size in select_in(conn, _input_files, chunk):
-                    out[pk][2].append(FileInfo(name, sha, size))
-        return out
+            return read_offer_payloads(conn, pks)

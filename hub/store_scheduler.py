@@ -47,6 +47,7 @@ from hub.models import Lease, Node, PendingResult, Task, Volunteer
 from hub.quorum import PendingRec
 from hub.rawsql import execute_many
 from hub.scheduler import LeaseRec, Snapshot, TaskRec
+from hub.store_inbox import OfferPayload, read_offer_payloads
 from issc.errors import StoreError
 
 # The hot path's statements, built once: building one costs more than running it for a
@@ -220,8 +221,12 @@ class SchedulerStore(StoreBase):
 
     # ---- scheduler changes ------------------------------------------------------------
 
-    def apply(self, changes: Sequence[Change]) -> None:
-        """Write one batch of scheduler changes in one transaction.
+    def apply(
+        self, changes: Sequence[Change], offer_pks: Sequence[int] = ()
+    ) -> dict[int, OfferPayload]:
+        """Write one batch of scheduler changes in one transaction, and read in it the
+        payloads of the tasks ``offer_pks`` (store_inbox.read_offer_payloads): the round
+        takes one trip to the store's thread, and a retry repeats it whole.
 
         Within a batch, lease inserts come first and task rows are updated in the order
         the scheduler changed them, so the last change of a row wins.
@@ -290,7 +295,9 @@ class SchedulerStore(StoreBase):
                         if isinstance(c, ProjectPauseChanged)
                     ],
                 )
+                payloads = read_offer_payloads(conn, offer_pks) if offer_pks else {}
                 faults.point("store.before_commit")
+            return payloads
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot commit a batch of {len(changes)} changes: {exc}") from None
 

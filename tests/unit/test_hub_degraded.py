@@ -34,6 +34,7 @@ from hub.retry import RetryPolicy
 from hub.runtime import HubRuntime
 from hub.scheduler import Scheduler, Settings
 from hub.store import Store, TaskEntry
+from hub.store_inbox import OfferPayload
 from issc.errors import StoreError
 from issc.keys import public_key_string
 from issc.manifest import Limits, Manifest
@@ -56,11 +57,13 @@ class FlakyStore(Store):
         self.fail_probe = 0
         self.probes = 0
 
-    def apply(self, changes: Sequence[Change]) -> None:
+    def apply(
+        self, changes: Sequence[Change], offer_pks: Sequence[int] = ()
+    ) -> dict[int, OfferPayload]:
         if self.fail_apply:
             self.fail_apply -= 1
             raise StoreError(f"cannot commit a batch of {len(changes)} changes: disk I/O error")
-        super().apply(changes)
+        return super().apply(changes, offer_pks)
 
     def probe(self, now: float) -> None:
         self.probes += 1
