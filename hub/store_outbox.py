@@ -43,6 +43,17 @@ def _unexported(states: list[BindParameter[Any]]) -> ClauseElement:
     )
 
 
+_OUTBOX_SIZES = select(Project.name, OutboxFile.committed_size).join(
+    OutboxFile, OutboxFile.project_id == Project.id
+)
+_PROJECT_ID = select(Project.id).where(Project.name == bindparam("project"))
+_SET_SIZE = (
+    update(OUTBOX_FILES)
+    .where(OUTBOX_FILES.c.project_id == bindparam("b_project"))
+    .values(committed_size=bindparam("b_size"))
+)
+
+
 def _outputs_of(leases: list[BindParameter[Any]]) -> ClauseElement:
     return (
         select(Output.lease_id, Output.name, Output.sha256, Output.size)
@@ -94,29 +105,18 @@ class OutboxStore(StoreBase):
 
     def outbox_sizes(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(Project.name, OutboxFile.committed_size).join(
-                    OutboxFile, OutboxFile.project_id == Project.id
-                )
-            )
-            return {name: size for name, size in rows}
+            return {name: size for name, size in conn.execute(_OUTBOX_SIZES)}
 
     def mark_exported(self, project: str, pks: Sequence[int], committed_size: int) -> None:
         """Record that results.jsonl holds these tasks and is ``committed_size`` bytes long."""
         with self.engine.begin() as conn:
-            project_id = conn.execute(
-                select(Project.id).where(Project.name == project)
-            ).scalar_one()
+            project_id = conn.execute(_PROJECT_ID, {"project": project}).scalar_one()
             for chunk in chunks(pks):
                 update_in(conn, _mark_exported, chunk, {"exported": True})
-            changed = conn.execute(
-                update(OUTBOX_FILES)
-                .where(OutboxFile.project_id == project_id)
-                .values(committed_size=committed_size)
-            ).rowcount
-            if not changed:
+            if not conn.execute(
+                _SET_SIZE, {"b_project": project_id, "b_size": committed_size}
+            ).rowcount:
                 conn.execute(
-                    insert(OUTBOX_FILES).values(
-                        project_id=project_id, committed_size=committed_size
-                    )
+                    insert(OUTBOX_FILES),
+                    {"project_id": project_id, "committed_size": committed_size},
                 )
