@@ -26,7 +26,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool, StaticPool
+from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.elements import BindParameter
 
 from hub.events import ProjectInfo
 from hub.models import (
@@ -46,7 +48,7 @@ from hub.models import (
     TaskInput,
     Volunteer,
 )
-from hub.rawsql import execute_many
+from hub.rawsql import execute_many, select_in
 from issc.errors import StoreError
 
 T = TypeVar("T")
@@ -103,11 +105,15 @@ def _update_by_id(table: Table, columns: tuple[str, ...]) -> Update:
     )
 
 
+def _known_blobs(digests: list[BindParameter[Any]]) -> ClauseElement:
+    return select(Blob.sha256).where(Blob.sha256.in_(digests))
+
+
 def insert_blobs(conn: Any, sizes: dict[str, int], now: float) -> None:
     """Add a ``blobs`` row for each digest that has none yet."""
     known: set[str] = set()
     for chunk in chunks(list(sizes)):
-        known.update(conn.execute(select(Blob.sha256).where(Blob.sha256.in_(chunk))).scalars())
+        known.update(sha for (sha,) in select_in(conn, _known_blobs, chunk))
     new = [
         {"sha256": sha, "size": size, "created_at": now}
         for sha, size in sizes.items()

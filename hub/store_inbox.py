@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ClauseElement, insert, select
+from sqlalchemy import ClauseElement, bindparam, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import BindParameter
@@ -61,6 +61,17 @@ def _insert_task_inputs(
     conn.execute(insert(TASK_INPUTS), rows)
 
 
+# The inbox runs these for every task file (a file of one task is a task's latency).
+_INBOX_FILE = select(InboxFile.name, InboxFile.outcome).where(InboxFile.sha256 == bindparam("sha"))
+_PROJECT_ID = select(Project.id).where(Project.name == bindparam("project"))
+_INSERT_TASKS = insert(TASKS).returning(TASKS.c.id, sort_by_parameter_order=True)
+_INSERT_INBOX_FILE = insert(INBOX_FILES)
+
+
+def _names_taken(names: list[BindParameter[Any]]) -> ClauseElement:
+    return select(Task.name).where(Task.project_id == bindparam("project"), Task.name.in_(names))
+
+
 def read_offer_payloads(conn: Connection, pks: Sequence[int]) -> dict[int, OfferPayload]:
     """task key -> (task id, input JSON, input files) for building offers."""
     out: dict[int, OfferPayload] = {}
@@ -78,9 +89,7 @@ class InboxStore(StoreBase):
     def inbox_file(self, sha256: str) -> tuple[str, str] | None:
         """(name, outcome) of an inbox file already read with this content, if any."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(InboxFile.name, InboxFile.outcome).where(InboxFile.sha256 == sha256)
-            ).first()
+            row = conn.execute(_INBOX_FILE, {"sha": sha256}).first()
             return (row[0], row[1]) if row else None
 
     def current_bundle(self, project: str) -> tuple[str, bytes] | None:
@@ -109,12 +118,9 @@ class InboxStore(StoreBase):
         Returns (project id, task keys). Raises TaskFileError for an unknown project or
         a task id the project already has (naming the id and its line).
         """
-        task_t = TASKS
         try:
             with self.engine.begin() as conn:
-                project_id = conn.execute(
-                    select(Project.id).where(Project.name == project)
-                ).scalar()
+                project_id = conn.execute(_PROJECT_ID, {"project": project}).scalar()
                 if project_id is None:
                     raise TaskFileError(
                         f"unknown project {project!r}: drop its signed bundle (.issc) first"
@@ -123,7 +129,7 @@ class InboxStore(StoreBase):
                 pks: list[int] = []
                 for chunk in chunks(entries, 5000):
                     result = conn.execute(
-                        insert(task_t).returning(task_t.c.id, sort_by_parameter_order=True),
+                        _INSERT_TASKS,
                         [
                             {
                                 "project_id": project_id,
@@ -143,13 +149,14 @@ class InboxStore(StoreBase):
                     pks.extend(row[0] for row in result)
                 _insert_task_inputs(conn, entries, pks, now)
                 conn.execute(
-                    insert(INBOX_FILES).values(
-                        sha256=sha256,
-                        name=name,
-                        outcome="accepted",
-                        detail=f"{len(entries)} tasks",
-                        at=now,
-                    )
+                    _INSERT_INBOX_FILE,
+                    {
+                        "sha256": sha256,
+                        "name": name,
+                        "outcome": "accepted",
+                        "detail": f"{len(entries)} tasks",
+                        "at": now,
+                    },
                 )
                 return project_id, pks
         except IntegrityError as exc:
@@ -160,11 +167,9 @@ class InboxStore(StoreBase):
     ) -> None:
         for chunk in chunks(entries):
             by_id = {e.task_id: e for e in chunk}
-            taken = conn.execute(
-                select(Task.name).where(Task.project_id == project_id, Task.name.in_(list(by_id)))
-            ).scalars()
+            rows = select_in(conn, _names_taken, list(by_id), {"project": project_id})
             # Name the first one in the file, whatever order the database returns them in.
-            first = min((by_id[name] for name in taken), key=lambda e: e.line, default=None)
+            first = min((by_id[name] for (name,) in rows), key=lambda e: e.line, default=None)
             if first is not None:
                 raise TaskFileError(
                     f"duplicate task id {first.task_id!r}: the project already has it", first.line

@@ -10,6 +10,7 @@ import hmac
 import os
 import re
 import sqlite3
+import threading
 from contextlib import closing
 from pathlib import Path
 
@@ -114,8 +115,12 @@ async def test_async_store_runs_calls_off_the_event_loop(store: Store) -> None:
         info, changed = await astore.call(register, store)
         assert changed and info.name == "primes"
         assert (await astore.call(store.state_counts))["NA"] == 0
+        assert await astore.call(threading.get_ident) != threading.get_ident()
+        with pytest.raises(ZeroDivisionError):  # not a database error: raised as it is
+            await astore.call(divmod, 1, 0)
+        assert (await astore.call(store.state_counts))["NA"] == 0  # the thread goes on
     finally:
-        astore._executor.shutdown(wait=True)  # the fixture closes the store
+        astore._thread.shutdown()  # the fixture closes the store
 
 
 # ---- projects and bundles ---------------------------------------------------------------
