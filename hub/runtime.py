@@ -145,6 +145,7 @@ class HubRuntime:
         self._probes = 0  # probes of this outage so far (the next pause grows with them)
         self.outages = 0  # times the hub was degraded, this run
         self._round_committed = False
+        self._pump_idle = False  # waiting for events: the store's thread is free
 
     # ---- events in --------------------------------------------------------------------
 
@@ -388,7 +389,9 @@ class HubRuntime:
             if self.degraded is not None:
                 await self._recover()
                 continue
+            self._pump_idle = True
             await self._woken(TICK)
+            self._pump_idle = False
             self._wake.clear()
             if self.degraded is not None:
                 continue  # degraded meanwhile (outbox, inbox, upload): the recovery rebuilds
@@ -701,13 +704,14 @@ class HubRuntime:
         while True:
             await self._export_wanted.wait()
             await self._healthy.wait()
-            # Let finished tasks gather: one export (one fsync, one transaction) for many.
-            # One per commit kept the store's thread from committing; a fixed wait made a
-            # lone task's result late. A pause of EXPORT_PAUSE times the last export's
-            # cost since it ended leaves the thread to commits at least 80 % of the time
-            # under load, and costs a quiet hub nothing.
-            pause = min(EXPORT_COALESCE, EXPORT_PAUSE * took)
-            await asyncio.sleep(max(0.0, ended + pause - time.perf_counter()))
+            # While the scheduler is busy, let finished tasks gather: one export (one
+            # fsync, one transaction) for many. One per commit kept the store's thread
+            # from committing; a fixed wait made a lone task's result late. A pause of
+            # EXPORT_PAUSE times the last export's cost since it ended leaves the thread
+            # to commits at least 80 % of the time under load; an idle pump needs none.
+            if not self._pump_idle or self._pending:
+                pause = min(EXPORT_COALESCE, EXPORT_PAUSE * took)
+                await asyncio.sleep(max(0.0, ended + pause - time.perf_counter()))
             self._export_wanted.clear()
             started = time.perf_counter()
             try:
