@@ -1,7 +1,9 @@
 """What the benchmarks share: a hub and its nodes as real processes in a work directory.
 
-``throughput.py`` and ``transfer.py`` import this module as ``cluster``; run as
-``python bench/<script>.py``, the script's own directory is first on ``sys.path``.
+The scripts import this module as ``cluster``: run as ``python bench/<script>.py``, the
+script's own directory is first on ``sys.path``. ``throughput.py`` also runs as
+``python -m bench.throughput`` from the repository root (``bench`` is a namespace
+package) and then imports it as ``bench.cluster``.
 """
 
 from __future__ import annotations
@@ -28,23 +30,37 @@ class BenchError(Exception):
     """The benchmark could not run (a process died, a deadline passed)."""
 
 
-def machine(extra: Sequence[str] = ()) -> str:
-    """CPUs, RAM, platform, Python, then ``extra`` (e.g. a peer's version), and the time."""
-    memory = "?"
+def machine_info() -> dict[str, Any]:
+    """The machine, for a benchmark's JSON: CPUs, RAM (GiB, None if unknown), platform,
+    Python and the time (UTC, ISO 8601)."""
+    memory: float | None = None
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
                 if line.startswith("MemTotal:"):
-                    memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+                    memory = round(int(line.split()[1]) / 1024**2, 1)
                     break
     except OSError:
         pass
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": memory,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "time_utc": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}",
+    }
+
+
+def machine(extra: Sequence[str] = ()) -> str:
+    """CPUs, RAM, platform, Python, then ``extra`` (e.g. a peer's version), and the time."""
+    info = machine_info()
+    memory = "?" if info["memory_gib"] is None else f"{info['memory_gib']:.1f} GiB"
     return ", ".join(
         [
-            f"{os.cpu_count()} CPUs",
+            f"{info['cpus']} CPUs",
             f"{memory} RAM",
-            platform.platform(),
-            f"Python {platform.python_version()}",
+            info["platform"],
+            f"Python {info['python']}",
             *extra,
             f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         ]
@@ -65,9 +81,7 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_in_workdir(
-    name: str, parent: Path | None, keep: bool, body: Callable[[Path], None]
-) -> int:
+def run_in_workdir(name: str, parent: Path | None, keep: bool, body: Callable[[Path], None]) -> int:
     """Run ``body`` in a fresh directory ``issc-<name>-*`` under ``parent`` (default: the
     system's temporary directory); the exit status for the benchmark's ``main``.
 

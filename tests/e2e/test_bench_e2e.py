@@ -6,6 +6,7 @@ short run in test_chaos_e2e.py.)"""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,14 +32,59 @@ def bench(script: str, *args: str, tmp_path: Path, timeout: float = 240) -> str:
     return done.stdout
 
 
-def test_throughput_runs_issc_and_dask_side_by_side(tmp_path: Path) -> None:
-    args = ["--nodes", "1", "--slots", "1", "--tasks", "20", "--process-tasks", "4"]
+def test_throughput_runs_issc_dask_bare_spawns_and_latency(tmp_path: Path) -> None:
+    """``python -m bench.throughput --json`` from the repository root, at a tiny size:
+    every part of issue 8's benchmark runs and lands in the JSON object."""
+    args = ["--tasks", "50", "--process-tasks", "10", "--latency-runs", "3", "--json"]
+    # Each wait gives up after 45 s, so a stuck run fails on its own, stops its hub and
+    # nodes and says why, well inside pytest's 120 s timeout (whose kill would orphan them).
+    args += ["--timeout", "45"]
     if not HAVE_DASK:
         args.append("--skip-dask")
-    out = bench("throughput.py", *args, tmp_path=tmp_path)
-    assert "issc persistent:" in out and "issc process:" in out
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.throughput", *args],
+        capture_output=True,
+        text=True,
+        timeout=115,
+        cwd=BENCH.parent,
+    )
+    assert done.returncode == 0, f"exited {done.returncode}:\n{done.stderr}{done.stdout}"
+    report = json.loads(done.stdout)  # stdout holds the JSON alone; progress is on stderr
+    assert "issc persistent:" in done.stderr
+    assert {"machine", "versions", "settings", "throughput", "latency", "ratios"} <= set(report)
+    assert report["settings"]["nodes"] == 2 and report["settings"]["slots"] == 1
+    throughput = report["throughput"]
+    assert throughput["issc"]["persistent"]["tasks"] == 50
+    assert throughput["issc"]["process"]["tasks"] == 10
+    assert throughput["bare_spawn"]["process"]["tasks"] == 10
+    systems = ["issc", "bare_spawn"]
     if HAVE_DASK:
-        assert "dask" in out.split("system", 1)[1]  # Dask's rows in the same table
+        systems += ["dask_default", "dask_saturation_inf"]
+        assert report["dask_configs"]["dask_saturation_inf"]["worker_saturation"] == "inf"
+    for system in systems:
+        for figure in throughput[system].values():
+            assert {"tasks", "seconds", "tasks_per_s", "cpu"} <= set(figure)
+            assert figure["tasks_per_s"] > 0 and "total" in figure["cpu"]
+    latency = report["latency"]
+    assert latency["issc"]["runs"] == 3
+    assert 0 < latency["issc"]["p50_ms"] <= latency["issc"]["p90_ms"] <= latency["issc"]["max_ms"]
+    ratios = report["ratios"]
+    assert ratios["process_issc_over_bare_spawn"] > 0
+    if HAVE_DASK:
+        assert latency["dask_default"]["runs"] == 3
+        for key in (
+            "persistent_issc_over_dask_default",
+            "persistent_issc_over_dask_saturation_inf",
+            "persistent_issc_over_dask_fastest",
+            "latency_p50_issc_over_dask_default",
+        ):
+            assert ratios[key] > 0, key
+
+
+def test_throughput_still_runs_as_a_script(tmp_path: Path) -> None:
+    """``python bench/throughput.py`` (the Makefile's ``bench`` target) imports as well."""
+    out = bench("throughput.py", "--help", tmp_path=tmp_path, timeout=60)
+    assert "--latency-runs" in out and "--json" in out
 
 
 def test_swarm_holds_simulated_nodes_and_they_do_tasks(tmp_path: Path) -> None:
