@@ -48,6 +48,10 @@ from node.transfer import append_part
 log = logging.getLogger(__name__)
 
 MAX_BUNDLE_SIZE = 256 * 1024 * 1024
+# Entries (files and directories) up to which a bundle's stat fingerprint is taken on the
+# event loop (``quick_ready``): a few microseconds each, while a thread hop costs more than
+# a small bundle's whole fingerprint. Larger bundles are looked at in a worker thread.
+QUICK_ENTRIES = 64
 OWNER_KEYS_FILE = "owner_keys.json"
 _CHUNK = 1024 * 1024
 _DIR_MODE = 0o755
@@ -73,6 +77,8 @@ class BundleCache:
         # digest -> the tree's fingerprint when it last passed a full check (this process)
         self._checked: dict[str, Fingerprint] = {}
         self._lock = threading.Lock()  # ready() runs in worker threads; keys are shared
+        # versions.json, read once: only this node writes it, and every offer asks for it.
+        self._versions_read: dict[str, int] | None = None
 
     def ready(self, digest: str) -> Path | None:
         """The extracted directory of a verified bundle, if cached and still intact.
@@ -97,6 +103,25 @@ class BundleCache:
                 self._discard(digest)
                 return None
         return path
+
+    def quick_ready(self, digest: str) -> Path | None:
+        """The extracted directory, if this process verified it fully and its stat
+        fingerprint is unchanged since (the check ``ready`` makes on every later use),
+        for bundles small enough to look at on the event loop (QUICK_ENTRIES); None
+        when ``ready`` has to decide: never checked, changed, large, missing, or a full
+        check in progress in a worker thread. Never raises, never blocks on the lock."""
+        known = self._checked.get(digest)
+        if known is None or len(known) > QUICK_ENTRIES or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            path = self.directory / digest
+            try:
+                unchanged = _fingerprint(path, self.directory / f"{digest}.issc") == known
+            except OSError:
+                return None
+            return path if unchanged and self._checked.get(digest) == known else None
+        finally:
+            self._lock.release()
 
     def _reverify(self, digest: str) -> None:
         """Raises CorruptEntry unless the cached entry matches its signed manifest."""
@@ -329,10 +354,15 @@ class BundleCache:
         return self._versions().get(project, 0)
 
     def record_version(self, project: str, version: int) -> None:
+        """Remember that ``version`` of ``project`` ran. A version not above the highest
+        recorded costs a dict lookup; a new one is written durably first.
+
+        Raises OSError if it cannot be written (the version is then not recorded).
+        """
         versions = self._versions()
         if versions.get(project, 0) >= version:
             return
-        versions[project] = version
+        versions = {**versions, project: version}
         # Durably (temp file, fsync, rename, fsync of the directory): a version recorded is
         # one the node ran, and a crash must not let it accept an older one afterwards.
         directory = self.versions_file.parent
@@ -347,8 +377,16 @@ class BundleCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._versions_read = versions  # kept only once on disk
 
     def _versions(self) -> dict[str, int]:
+        """The highest version run per project (read from versions.json once, then kept:
+        only this process writes the file while it runs). Do not mutate the result."""
+        if self._versions_read is None:
+            self._versions_read = self._read_versions()
+        return self._versions_read
+
+    def _read_versions(self) -> dict[str, int]:
         try:
             data = json.loads(self.versions_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -361,6 +399,9 @@ class BundleCache:
 def _fingerprint(path: Path, archive: Path) -> Fingerprint:
     """Stat every entry under ``path`` (not following symlinks) and the archive.
 
+    Taken before every use of a cached bundle, often on the event loop
+    (``quick_ready``): plain os calls and string paths, no pathlib.
+
     Raises:
         OSError: something vanished or cannot be listed.
     """
@@ -369,17 +410,17 @@ def _fingerprint(path: Path, archive: Path) -> Fingerprint:
         info = os.lstat(item)
         entries.append((item.name, info.st_mode, info.st_size, info.st_ino,
                         info.st_mtime_ns, info.st_ctime_ns))  # fmt: skip
-    stack = [path]
+    stack = [(os.fspath(path), "")]  # (directory, its path relative to ``path`` + "/")
     while stack:
-        directory = stack.pop()
+        directory, prefix = stack.pop()
         with os.scandir(directory) as listing:
             for entry in listing:
                 info = entry.stat(follow_symlinks=False)
-                rel = os.path.relpath(entry.path, path)
+                rel = prefix + entry.name
                 entries.append((rel, info.st_mode, info.st_size, info.st_ino,
                                 info.st_mtime_ns, info.st_ctime_ns))  # fmt: skip
                 if stat.S_ISDIR(info.st_mode):
-                    stack.append(Path(entry.path))
+                    stack.append((entry.path, rel + "/"))
     return tuple(sorted(entries))
 
 

@@ -6,7 +6,9 @@ the hub's challenge with its own key (``node.identity``), and then serves the
 connection: offers are checked (project chosen, key pinned, version not older than one
 already run, bundle verified) before they are accepted; results are spooled on disk
 before they are sent and dropped only when the hub acknowledges them. Tasks keep
-running while the connection is down; their results wait in the spool.
+running while the connection is down; their results wait in the spool. While tasks are
+short the node holds a few accepted leases queued beyond its slots (``_capacity``), so
+that a slot that frees does not idle for an offer round trip.
 
 What moves in chunks lives in its own modules, wired here: bundles and input files are
 fetched by ``node.fetch`` (into ``node.cache`` and ``node.files``), output files are
@@ -20,6 +22,8 @@ import contextlib
 import logging
 import random
 import ssl
+import statistics
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -93,6 +97,13 @@ STOP_GRACE = 5.0  # seconds to deliver spooled results and say goodbye on a clea
 AVOID_SECONDS = 600.0  # an address whose relay altered traffic is skipped this long
 LIMIT_AVOID_SECONDS = 30.0  # an address that refused us for a limit is skipped this long
 PROBE_TIMEOUT = 2.0
+# Prefetch (see "_capacity"): while the recent median task is shorter than this, a slot
+# that frees would idle for an offer round trip (ready -> hub commit -> offer -> accept ->
+# hub commit), a sizeable share of a task this short; the node then holds up to `slots`
+# accepted leases queued beyond its slots. Longer tasks gain little from a queue, and a
+# slow node must not hoard them while faster nodes wait.
+PREFETCH_BELOW_SECONDS = 1.0
+WALL_HISTORY = 16  # recent tasks whose median wall time decides whether to prefetch
 _M = TypeVar("_M", bound=Message)
 
 
@@ -102,10 +113,13 @@ class FatalNodeError(IsscError):
 
 @dataclass(slots=True)
 class Running:
+    """An accepted lease, from its accept to its end: running, or queued for a slot."""
+
     offer: TaskOffer
     task: asyncio.Task[None] | None = None
     cancelled: bool = False
     fetching: bool = False  # waiting for input files: a cancel ends the wait
+    queued: bool = False  # waiting for a free slot (prefetched): a cancel ends the wait
 
 
 @dataclass(slots=True)
@@ -168,8 +182,14 @@ class NodeClient:
         # remove_tree, not rmtree: in/ is read-only (0555) and a task may have chmodded more.
         remove_tree(self.scratch)
         self.executors: dict[str, Executor] = {}
+        # Accepted leases, in the order accepted: running, fetching inputs, or queued.
         self.running: dict[int, Running] = {}
         self.reserved = 0  # offers chosen to run, waiting for their bundle
+        # A task runs only holding a slot; the waiters (prefetched leases) are served
+        # in the order they came (asyncio.Semaphore is first come, first served).
+        self.slot_gate = asyncio.Semaphore(config.slots)
+        self.recent_walls: deque[float] = deque(maxlen=WALL_HISTORY)
+        self.short_tasks = False  # the median of recent_walls is below PREFETCH_BELOW_SECONDS
         self.link: _Link | None = None
         self.stopping = False
         self.heartbeat_interval = 5.0
@@ -455,8 +475,20 @@ class NodeClient:
         if self.link is None or self.stopping:
             return
         # Offers in flight are not subtracted: the hub knows them and does that itself.
-        free = self.config.slots - len(self.running) - self.reserved
-        self._send(self.link, Ready(free=max(0, free)))
+        self._send(self.link, Ready(free=max(0, self._free())))
+
+    def _free(self) -> int:
+        """How many more leases the node takes now (may be negative after tasks turned
+        long: the queue then drains and no more are asked for)."""
+        return self._capacity() - len(self.running) - self.reserved
+
+    def _capacity(self) -> int:
+        """Leases the node holds at once: its slots, plus as many queued while tasks are
+        short (PREFETCH_BELOW_SECONDS), so that a slot that frees starts the next task at
+        once instead of idling for an offer round trip. Until a task has run there is no
+        telling, and no queue."""
+        slots = self.config.slots
+        return 2 * slots if self.short_tasks else slots
 
     # ---- messages from the hub ------------------------------------------------------------
 
@@ -503,7 +535,7 @@ class NodeClient:
         """Check each offer, fetch and verify bundles, then accept what can run."""
         by_digest: dict[str, list[TaskOffer]] = {}
         declined: list[int] = []
-        free = self.config.slots - len(self.running) - self.reserved
+        free = self._free()
         for offer in offers:
             reason = self._offer_problem(offer)
             if reason is None and free <= 0:
@@ -579,7 +611,7 @@ class NodeClient:
                     # since may have been long: checked again just before the run.
                     bundle_dir, outcome = await self._bundle_again(offer, bundle_dir)
                 if outcome is None and (inputs or not offer.files):
-                    outcome = await self._execute(offer, manifest, bundle_dir, inputs)
+                    outcome = await self._execute_in_slot(running, manifest, bundle_dir, inputs)
         except asyncio.CancelledError:
             if not running.cancelled:
                 raise  # the node is going down, not this lease
@@ -594,6 +626,31 @@ class NodeClient:
         else:
             await self._deliver(offer, outcome)
         self._send_ready()
+
+    async def _execute_in_slot(
+        self, running: Running, manifest: Manifest, bundle_dir: Path, inputs: dict[str, Path]
+    ) -> RunOutcome | None:
+        """Wait for a free slot (a prefetched lease waits here, in order), run the task
+        holding it, and note its wall time for ``_capacity``. None if it was cancelled
+        just as the slot came.
+
+        Raises CancelledError when cancelled while queued (``_cancel_run``).
+        """
+        running.queued = True
+        try:
+            await self.slot_gate.acquire()
+        finally:
+            running.queued = False
+        try:
+            if running.cancelled:
+                return None
+            outcome = await self._execute(running.offer, manifest, bundle_dir, inputs)
+        finally:
+            self.slot_gate.release()
+        if outcome.wall_seconds > 0:  # 0: it never started; that says nothing of its length
+            self.recent_walls.append(outcome.wall_seconds)
+            self.short_tasks = statistics.median(self.recent_walls) < PREFETCH_BELOW_SECONDS
+        return outcome
 
     async def _bundle_again(
         self, offer: TaskOffer, bundle_dir: Path
@@ -691,8 +748,8 @@ class NodeClient:
 
     def _cancel_run(self, lease: int, running: Running) -> None:
         running.cancelled = True
-        if running.fetching and running.task is not None:
-            running.task.cancel()  # nothing runs yet; stop waiting for its files
+        if (running.fetching or running.queued) and running.task is not None:
+            running.task.cancel()  # nothing runs yet; stop waiting for its files or slot
         for executor in self.executors.values():
             self._spawn(executor.cancel(lease))
 

@@ -68,8 +68,11 @@ class BundleFetcher(Fetcher):
             raise BundleError(f"{digest[:80]!r} is not a SHA-256 digest")
         if digest in self.cache.refused:
             raise BundleError(self.cache.refused[digest])
-        # Re-verified before every use; a corrupt entry is deleted and fetched again.
-        ready = await asyncio.to_thread(self.cache.ready, digest)
+        # Re-verified before every use; a corrupt entry is deleted and fetched again. The
+        # usual use (a small bundle verified before, unchanged) is checked without a hop.
+        ready = self.cache.quick_ready(digest)
+        if ready is None:
+            ready = await asyncio.to_thread(self.cache.ready, digest)
         if ready is not None:
             self.cache.check_owner(digest, project)
             return ready

@@ -39,9 +39,9 @@ from node.runs import (
     decode_json,
     encode_input,
     failure,
+    outputs_of,
     stage_task_files,
     wall_exceeded,
-    with_outputs,
     with_stderr,
 )
 from node.sandbox import (
@@ -62,7 +62,7 @@ from node.sandbox import (
     task_owner,
     tree_cpu_seconds,
 )
-from node.taskfiles import reset_task_dirs
+from node.taskfiles import reset_task_dirs, task_dirs_fresh
 
 _MAX_PROGRAM_ERROR = 2048
 _EXIT_GRACE_SECONDS = 1.0
@@ -86,6 +86,8 @@ class _Worker:
         self.namespace = namespace  # its bubblewrap namespace's record (record_namespace)
         self.busy = True
         self.stderr_tail = bytearray()
+        # tree_cpu_seconds at the end of its last task: the start of the next one's count.
+        self.cpu_mark: float | None = None
         # Drained all the time: a full stderr pipe would block the process mid-task.
         self._stderr_reader = asyncio.create_task(self._drain_stderr())
 
@@ -206,19 +208,18 @@ class PersistentExecutor:
         if run.stop_reason is not None:  # cancelled just as a process became free
             await self._release(worker, reusable=True)
             return failure(run.stop_reason)
+        owner = task_owner(self._sandbox)
         reusable = False
         try:
-            problem = await stage_task_files(
-                worker.scratch, request, reset=True, owner=task_owner(self._sandbox)
-            )
+            problem = await _staged(worker.scratch, request, owner)
             if problem is not None:
-                reusable = True  # nothing was sent: the process is as good as before
+                # Nothing was sent: the process is as good as before, once in/ is empty.
+                reusable = await _emptied(worker.scratch, owner)
                 return failure(problem)
             outcome, reusable = await self._exchange(worker, request, line, run)
-            return await with_outputs(outcome, worker.scratch, request)
+            outcome, reusable = await _settled(outcome, reusable, worker.scratch, request, owner)
+            return outcome
         finally:
-            if reusable:
-                reusable = await _emptied(worker.scratch, task_owner(self._sandbox))
             await self._release(worker, reusable)
 
     async def _exchange(
@@ -228,7 +229,13 @@ class PersistentExecutor:
         may take another task."""
         limits = request.limits
         run.attach(worker.kill)
-        cpu_before = tree_cpu_seconds(worker.proc.pid)
+        # One /proc walk per task: the count starts where the worker's last task ended.
+        # Between tasks it waits for its next line, so what it burns there is its own
+        # code's work (finishing the last task, say) and is charged to this task; only
+        # the first task of a process starts its count here, so start-up is not charged.
+        cpu_before = worker.cpu_mark
+        if cpu_before is None:
+            cpu_before = tree_cpu_seconds(worker.proc.pid)
         started = time.monotonic()
         try:
             reply = await asyncio.wait_for(self._send(worker, line), limits.wall_seconds)
@@ -241,8 +248,11 @@ class PersistentExecutor:
         finally:
             run.detach()
         wall = time.monotonic() - started
-        cpu_after = tree_cpu_seconds(worker.proc.pid)
-        cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else 0.0
+        cpu_after = worker.cpu_mark = tree_cpu_seconds(worker.proc.pid)
+        cpu = 0.0
+        if cpu_before is not None and cpu_after is not None:
+            # A descendant that ended unreaped takes its time with it: never below zero.
+            cpu = max(0.0, cpu_after - cpu_before)
         if run.stop_reason is not None:
             return failure(run.stop_reason, cpu, wall), False
         if reply is None:
@@ -348,9 +358,7 @@ class PersistentExecutor:
                     user=who.user,
                     group=who.group,
                     extra_groups=who.extra_groups,
-                    preexec_fn=limit_setter(
-                        request.limits, limit_cpu=False, sandbox=self._sandbox
-                    ),
+                    preexec_fn=limit_setter(request.limits, limit_cpu=False, sandbox=self._sandbox),
                 )
                 register(proc.pid)
         except BaseException:
@@ -376,6 +384,45 @@ class PersistentExecutor:
             await asyncio.shield(worker.retire())
         async with self._changed:
             self._changed.notify_all()
+
+
+async def _staged(scratch: Path, request: RunRequest, owner: tuple[int, int] | None) -> str | None:
+    """A worker's ``in/`` and ``out/`` emptied and ``in/`` filled with the request's files;
+    None, or why the task cannot run. Without input files and with both directories as
+    the last task left them (the usual case) there is nothing to do, and no thread hop."""
+    if not request.input_files and task_dirs_fresh(scratch, owner):
+        return None
+    return await stage_task_files(scratch, request, reset=True, owner=owner)
+
+
+async def _settled(
+    outcome: RunOutcome,
+    reusable: bool,
+    scratch: Path,
+    request: RunRequest,
+    owner: tuple[int, int] | None,
+) -> tuple[RunOutcome, bool]:
+    """After a task: its output files collected (``outputs_of``) and, if the process may
+    take another task, ``in/`` and ``out/`` emptied (a 1 GiB input should not stay on
+    disk while it idles). Returns the outcome and whether the process may be reused.
+
+    One thread hop for both; none when both directories are already empty (no files in,
+    none out), where neither step would change anything.
+    """
+    if task_dirs_fresh(scratch, owner):
+        return outcome, reusable
+
+    def settle() -> tuple[RunOutcome, bool]:
+        settled = outputs_of(outcome, scratch, request)
+        if not reusable:
+            return settled, False
+        try:
+            reset_task_dirs(scratch, owner)
+        except OSError:
+            return settled, False
+        return settled, True
+
+    return await asyncio.to_thread(settle)
 
 
 async def _emptied(scratch: Path, owner: tuple[int, int] | None) -> bool:

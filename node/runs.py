@@ -116,35 +116,47 @@ async def stage_task_files(
 ) -> str | None:
     """Copy the request's input files into ``<scratch>/in/`` (emptying ``in/`` and ``out/``
     first if ``reset``: a persistent worker's previous task left them; made again owned by
-    ``owner``, the task uid of a root node). Returns None, or why the task cannot run."""
-    try:
+    ``owner``, the task uid of a root node). Returns None, or why the task cannot run.
+    Both steps share one thread hop; with nothing to do there is none."""
+
+    def stage() -> None:
         if reset:
-            await asyncio.to_thread(reset_task_dirs, scratch, owner)
+            reset_task_dirs(scratch, owner)
         if request.input_files:
-            await asyncio.to_thread(stage_inputs, scratch, request.input_files)
+            stage_inputs(scratch, request.input_files)
+
+    if not reset and not request.input_files:
+        return None
+    try:
+        await asyncio.to_thread(stage)
     except (OSError, ValueError) as exc:
         return f"cannot put the input files in place: {exc}"
     return None
 
 
 async def with_outputs(outcome: RunOutcome, scratch: Path, request: RunRequest) -> RunOutcome:
+    """``outputs_of`` in a worker thread (none is needed without an ``output_dir``)."""
+    if request.output_dir is None:
+        return outcome
+    return await asyncio.to_thread(outputs_of, outcome, scratch, request)
+
+
+def outputs_of(outcome: RunOutcome, scratch: Path, request: RunRequest) -> RunOutcome:
     """A successful outcome with the files of ``<scratch>/out/`` moved to the request's
     ``output_dir``, or a failure saying why they break the rules. A failure comes back
     with its error prefixed by the output_mb limit where ``out/`` shows the run reached it
-    (``output_limit_reached``); requests without ``output_dir`` come back unchanged."""
+    (``output_limit_reached``); requests without ``output_dir`` come back unchanged.
+    Blocking (it copies and hashes files): call it from a worker thread."""
     if request.output_dir is None:
         return outcome
     if not outcome.ok:
-        limits = request.limits
-        note = await asyncio.to_thread(output_limit_reached, scratch, limits.output_mb)
+        note = output_limit_reached(scratch, request.limits.output_mb)
         if note is None:
             return outcome
         return replace(outcome, error=f"{note}; {outcome.error}" if outcome.error else note)
     cpu, wall = outcome.cpu_seconds, outcome.wall_seconds
     try:
-        files = await asyncio.to_thread(
-            collect_outputs, scratch, request.output_dir, request.limits.output_mb
-        )
+        files = collect_outputs(scratch, request.output_dir, request.limits.output_mb)
     except ValueError as exc:
         return failure(str(exc), cpu, wall)
     except OSError as exc:

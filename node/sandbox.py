@@ -573,20 +573,38 @@ def _children_of(parent: int) -> list[int]:
 
 def tree_cpu_seconds(pid: int) -> float | None:
     """CPU time of a live process and its live descendants (a task under bwrap runs two
-    levels below the process the executor started). None if ``pid`` is gone."""
-    total = process_cpu_seconds(pid)
-    if total is None:
+    levels below the process the executor started). None if ``pid`` is gone.
+
+    Called once per task of a persistent worker, on the event loop: it reads /proc with
+    plain os calls (no pathlib), per process its stat file and, as most have one thread,
+    that thread's children file (all threads' only for a multi-threaded process).
+    """
+    usage = _cpu_and_threads(pid)
+    if usage is None:
         return None
-    pending = _direct_children(pid)
+    total = usage[0]
+    pending = _children_of_threads(pid, usage[1])
     seen = {pid}
     while pending:
         child = pending.pop()
         if child in seen:
             continue
         seen.add(child)
-        total += process_cpu_seconds(child) or 0.0
-        pending.extend(_direct_children(child))
+        usage = _cpu_and_threads(child)
+        if usage is not None:
+            total += usage[0]
+            pending.extend(_children_of_threads(child, usage[1]))
     return total
+
+
+def _children_of_threads(pid: int, threads: int) -> list[int]:
+    """The children of ``pid``; with one thread, read from that thread's file alone."""
+    if threads != 1:
+        return _direct_children(pid)
+    try:
+        return [int(word) for word in _read_proc(f"/proc/{pid}/task/{pid}/children").split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _direct_children(pid: int) -> list[int]:
@@ -597,9 +615,28 @@ def _direct_children(pid: int) -> list[int]:
     found: list[int] = []
     for tid in tasks:
         with contextlib.suppress(OSError, ValueError):
-            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
-            found.extend(int(word) for word in text.split())
+            found.extend(
+                int(word) for word in _read_proc(f"/proc/{pid}/task/{tid}/children").split()
+            )
     return found
+
+
+def _read_proc(path: str) -> bytes:
+    """The whole of a small /proc file, read with plain os calls. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _clock_ticks() -> int:
+    """Clock ticks per second, the unit of /proc/<pid>/stat's times. Raises ValueError."""
+    return os.sysconf("SC_CLK_TCK")
 
 
 NAMESPACE_RECORD = ".namespace-"  # + pid: in an executor's scratch root, see record_namespace
@@ -742,16 +779,23 @@ def process_cpu_seconds(pid: int) -> float | None:
 
     None where /proc is unavailable or the process is gone.
     """
+    usage = _cpu_and_threads(pid)
+    return None if usage is None else usage[0]
+
+
+def _cpu_and_threads(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds with reaped children, number of threads) of a live process, from
+    /proc/<pid>/stat; None where /proc is unavailable or the process is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-        ticks = os.sysconf("SC_CLK_TCK")
+        stat = _read_proc(f"/proc/{pid}/stat")
+        ticks = _clock_ticks()
     except (OSError, ValueError):
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ")".
-    # Fields 14-17 are utime, stime, cutime, cstime; index 0 here is field 3.
+    # Fields 14-17 are utime, stime, cutime, cstime, field 20 num_threads; index 0 is field 3.
     fields = stat[stat.rfind(b")") + 2 :].split()
     try:
-        return sum(int(value) for value in fields[11:15]) / ticks
+        return sum(int(value) for value in fields[11:15]) / ticks, int(fields[17])
     except (ValueError, IndexError):
         return None
 

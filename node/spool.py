@@ -83,7 +83,7 @@ class ResultSpool:
         # (swept at start-up), never a record whose files are gone.
         if lease in self._records:
             try:
-                self._append({"done": lease})
+                self._append_line(f'{{"done":{int(lease)}}}\n'.encode("ascii"))
             except OSError as exc:  # at worst the result is sent again after a restart
                 log.warning("spool: cannot note lease %d as done: %s", lease, exc)
             self._forget(lease)
@@ -91,7 +91,11 @@ class ResultSpool:
 
     def discard_outputs(self, lease: int) -> None:
         """Delete the output files of a run whose result will not be sent."""
-        shutil.rmtree(self.output_dir(lease), ignore_errors=True)
+        # Once per task, and most tasks have no output files: a string path and one
+        # lstat, not a Path and rmtree's machinery, for the usual case of nothing there.
+        path = os.path.join(self.directory, f"{lease}{_OUT_SUFFIX}")
+        if os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
 
     def sweep(self) -> None:
         """Delete output directories whose result record is missing (call before runs start)."""
@@ -113,7 +117,9 @@ class ResultSpool:
     # ---- the journal ----------------------------------------------------------------------
 
     def _append(self, entry: dict[str, Any]) -> None:
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
+        self._append_line((json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8"))
+
+    def _append_line(self, line: bytes) -> None:
         if self._size and self._size + len(line) > SEGMENT_BYTES:
             self._next_segment()
         write_all(self._fd, line)

@@ -72,7 +72,7 @@ def reset_task_dirs(scratch: Path, owner: tuple[int, int] | None = None) -> None
     Raises OSError if they cannot be made again.
     """
     for name in (IN_DIR, OUT_DIR):
-        if _fresh(scratch / name, owner):
+        if _fresh(os.path.join(scratch, name), owner):
             continue  # most tasks leave both empty: no need to remove and make them again
         remove_tree(scratch / name)
         (scratch / name).mkdir(mode=0o700)
@@ -80,7 +80,18 @@ def reset_task_dirs(scratch: Path, owner: tuple[int, int] | None = None) -> None
             os.chown(scratch / name, *owner)
 
 
-def _fresh(path: Path, owner: tuple[int, int] | None) -> bool:
+def task_dirs_fresh(scratch: Path, owner: tuple[int, int] | None = None) -> bool:
+    """Whether ``in/`` and ``out/`` of a scratch directory are already as reset_task_dirs
+    leaves them (empty, mode 0700, of ``owner``): then there is nothing to collect from
+    ``out/`` and nothing to empty. Two lstat and two scandir calls on a directory of the
+    node's own, cheap enough for the event loop: the usual persistent task, with no
+    files in or out, needs no thread hop for its files. Never raises."""
+    return _fresh(os.path.join(scratch, IN_DIR), owner) and _fresh(
+        os.path.join(scratch, OUT_DIR), owner
+    )
+
+
+def _fresh(path: str, owner: tuple[int, int] | None) -> bool:
     """Whether ``path`` is already as reset_task_dirs would make it: a directory (not a
     link), mode 0700 with no special bits, of ``owner``, and empty."""
     try:
