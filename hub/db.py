@@ -153,6 +153,10 @@ def _sqlite_pragmas(busy_timeout: float) -> Any:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
         cursor.execute("PRAGMA foreign_keys=ON")
+        # 64 MiB of page cache instead of SQLite's 2: a hub's task and lease tables and
+        # their indexes outgrow 2 MiB within tens of thousands of tasks, after which every
+        # commit re-reads index pages (40,000 tasks: hub CPU 95.9 -> 88.9 s, one run each).
+        cursor.execute("PRAGMA cache_size=-65536")
         cursor.close()
 
     return on_connect
