@@ -31,7 +31,7 @@ e2e: $(STAMP)
 # Dask, the peer the benchmarks compare against, comes with the dev tools (the `bench`
 # extra): `make test` runs every benchmark once at a tiny size (tests/e2e/test_bench_e2e.py).
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python -m bench.throughput
 	$(BIN)/python bench/store_commit.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/relay.py
