@@ -90,6 +90,9 @@ WRITE_POLL = 0.1  # seconds between looks at the backlog while it is above the m
 SPILL_FACTOR = 16
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MAX_SLOTS = 1024
+# Leases a node may hold per slot (hello.leases): one running and up to eight queued while
+# its tasks are short (node/client.py, "Prefetch"). Bounds what a hello makes the hub read.
+HELD_PER_SLOT = 9
 MAX_TOKEN_LEN = 256
 
 
@@ -665,6 +668,6 @@ def _check_hello(hello: Hello) -> str | None:
         return f"token must be 1..{MAX_TOKEN_LEN} characters"
     if not 1 <= hello.slots <= MAX_SLOTS:
         return f"slots must be 1..{MAX_SLOTS}"
-    if len(hello.projects) > 256 or len(hello.leases) > 4 * MAX_SLOTS:
+    if len(hello.projects) > 256 or len(hello.leases) > HELD_PER_SLOT * MAX_SLOTS:
         return "too many projects or leases"
     return None

@@ -99,11 +99,15 @@ LIMIT_AVOID_SECONDS = 30.0  # an address that refused us for a limit is skipped 
 PROBE_TIMEOUT = 2.0
 # Prefetch (see "_capacity"): while the recent median task is shorter than this, a slot
 # that frees would idle for an offer round trip (ready -> hub commit -> offer -> accept ->
-# hub commit), a sizeable share of a task this short; the node then holds up to `slots`
-# accepted leases queued beyond its slots. Longer tasks gain little from a queue, and a
-# slow node must not hoard them while faster nodes wait.
+# hub commit), a sizeable share of a task this short; the node then holds accepted leases
+# queued beyond its slots: about QUEUED_WORK_SECONDS of work per slot, at least one lease
+# and at most MAX_QUEUED_PER_SLOT. Longer tasks gain little from a queue, and a slow node
+# must not hoard them while faster nodes wait: it never holds more than a tenth of a
+# second of queued work per slot, or one task shorter than a second.
 PREFETCH_BELOW_SECONDS = 1.0
-WALL_HISTORY = 16  # recent tasks whose median wall time decides whether to prefetch
+QUEUED_WORK_SECONDS = 0.1
+MAX_QUEUED_PER_SLOT = 8  # the hub accepts up to 9 leases per slot in hello.leases
+WALL_HISTORY = 16  # recent tasks whose median wall time decides the queue
 _M = TypeVar("_M", bound=Message)
 
 
@@ -189,7 +193,7 @@ class NodeClient:
         # in the order they came (asyncio.Semaphore is first come, first served).
         self.slot_gate = asyncio.Semaphore(config.slots)
         self.recent_walls: deque[float] = deque(maxlen=WALL_HISTORY)
-        self.short_tasks = False  # the median of recent_walls is below PREFETCH_BELOW_SECONDS
+        self.median_wall: float | None = None  # of recent_walls; None until a task ran
         self.link: _Link | None = None
         self.stopping = False
         self.heartbeat_interval = 5.0
@@ -483,12 +487,10 @@ class NodeClient:
         return self._capacity() - len(self.running) - self.reserved
 
     def _capacity(self) -> int:
-        """Leases the node holds at once: its slots, plus as many queued while tasks are
-        short (PREFETCH_BELOW_SECONDS), so that a slot that frees starts the next task at
-        once instead of idling for an offer round trip. Until a task has run there is no
-        telling, and no queue."""
-        slots = self.config.slots
-        return 2 * slots if self.short_tasks else slots
+        """Leases the node holds at once: its slots, plus a queue per slot while tasks are
+        short (``queued_per_slot``), so that a slot that frees starts the next task at
+        once instead of idling for an offer round trip."""
+        return self.config.slots * (1 + queued_per_slot(self.median_wall))
 
     # ---- messages from the hub ------------------------------------------------------------
 
@@ -649,7 +651,7 @@ class NodeClient:
             self.slot_gate.release()
         if outcome.wall_seconds > 0:  # 0: it never started; that says nothing of its length
             self.recent_walls.append(outcome.wall_seconds)
-            self.short_tasks = statistics.median(self.recent_walls) < PREFETCH_BELOW_SECONDS
+            self.median_wall = statistics.median(self.recent_walls)
         return outcome
 
     async def _bundle_again(
@@ -783,6 +785,17 @@ class NodeClient:
         await self.inputs.close()
         for executor in self.executors.values():
             await executor.close()
+
+
+def queued_per_slot(median_wall: float | None) -> int:
+    """Leases to hold queued per slot when the recent median task took ``median_wall``
+    seconds: none for tasks of a second or more, or before any task ran (no telling);
+    else about QUEUED_WORK_SECONDS of work, between 1 and MAX_QUEUED_PER_SLOT leases."""
+    if median_wall is None or median_wall >= PREFETCH_BELOW_SECONDS:
+        return 0
+    if median_wall * MAX_QUEUED_PER_SLOT <= QUEUED_WORK_SECONDS:
+        return MAX_QUEUED_PER_SLOT
+    return max(1, int(QUEUED_WORK_SECONDS / median_wall))
 
 
 def _sendable(outcome: RunOutcome) -> RunOutcome:

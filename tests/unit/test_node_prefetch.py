@@ -1,6 +1,6 @@
-"""Prefetch: while tasks are short the node holds up to ``slots`` accepted leases queued
-beyond its slots (node/client.py, ``_capacity``), so a slot that frees starts the next
-task at once instead of idling for an offer round trip.
+"""Prefetch: while tasks are short the node holds accepted leases queued beyond its slots
+(node/client.py, ``_capacity``), so a slot that frees starts the next task at once
+instead of idling for an offer round trip.
 
 The hub is scripted by the test on a real socket; the executor is a fake whose runs end
 when the test says, so that what runs when (and what never runs) is seen exactly.
@@ -45,7 +45,13 @@ from issc.protocol import (
     TaskOffer,
     Welcome,
 )
-from node.client import PREFETCH_BELOW_SECONDS, NodeClient
+from node.client import (
+    MAX_QUEUED_PER_SLOT,
+    PREFETCH_BELOW_SECONDS,
+    QUEUED_WORK_SECONDS,
+    NodeClient,
+    queued_per_slot,
+)
 from node.executor import RunOutcome, RunRequest
 from node.runs import CANCELLED, failure
 
@@ -251,7 +257,7 @@ async def first_task(setup: Setup, wall: float) -> int:
 async def two_accepted(setup: Setup) -> None:
     """After a short task: two leases offered to the one slot, both accepted, the
     second queued."""
-    assert await first_task(setup, SHORT) == 2  # one slot, one more queued
+    assert await first_task(setup, SHORT) == 1 + queued_per_slot(SHORT)  # one slot + queue
     setup.hub.send(Offer(tasks=[setup.offer(2), setup.offer(3)]))
     assert (await setup.hub.expect(Accept)).leases == [2, 3]
     await until(lambda: setup.executor.started == [1, 2], "lease 2 started")
@@ -289,6 +295,26 @@ async def test_a_clean_stop_declines_queued_leases(setup: Setup) -> None:
     assert declined.leases == [2, 3]
     assert declined.reason == "node stopping"
     assert setup.executor.started == [1, 2]  # the queued lease never ran
+
+
+@pytest.mark.parametrize(
+    ("median_wall", "queued"),
+    [
+        (None, 0),  # nothing ran yet: no telling
+        (PREFETCH_BELOW_SECONDS, 0),
+        (5.0, 0),
+        (0.99, 1),  # a task just under a second: one queued
+        (QUEUED_WORK_SECONDS, 1),
+        (QUEUED_WORK_SECONDS / 4, 4),  # about QUEUED_WORK_SECONDS of work queued
+        (QUEUED_WORK_SECONDS / MAX_QUEUED_PER_SLOT, MAX_QUEUED_PER_SLOT),
+        (0.0001, MAX_QUEUED_PER_SLOT),  # bounded however short
+        (0.0, MAX_QUEUED_PER_SLOT),
+    ],
+)
+def test_the_queue_holds_about_a_tenth_of_a_second_of_work_per_slot(
+    median_wall: float | None, queued: int
+) -> None:
+    assert queued_per_slot(median_wall) == queued
 
 
 async def test_no_prefetch_after_long_tasks(setup: Setup) -> None:
