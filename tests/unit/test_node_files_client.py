@@ -12,43 +12,33 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
-import yaml
+from scripted_hub import HubSide, listen, node_config, signed_bundle
 
-from issc.bundle import pack_bundle
 from issc.config import load_node_config
 from issc.errors import AuthError
-from issc.keys import generate_key, parse_public_key
-from issc.nodeauth import Claim, new_nonce, node_id_for, verify_proof
+from issc.keys import parse_public_key
+from issc.nodeauth import node_id_for
 from issc.protocol import (
-    NEED_DATA,
-    PROTOCOL_VERSION,
     Accept,
     BundleChunk,
     Cancel,
-    Challenge,
-    Connection,
     FetchBundle,
     FetchFile,
     FileChunk,
     FileRef,
-    Heartbeat,
     Hello,
     Message,
     Offer,
-    Proof,
-    Ready,
     Result,
     ResultAck,
-    Role,
     TaskOffer,
     Upload,
     UploadAck,
-    Welcome,
 )
 from issc.resultsig import given_of, returned_of, verify_result
 from node.client import NodeClient
@@ -67,58 +57,9 @@ DATA_SHA = hashlib.sha256(DATA).hexdigest()
 SERVED_CHUNK = 2000
 
 
-@dataclass
-class HubSide:
-    """One connection from the node, seen from the hub."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    conn: Connection = field(default_factory=lambda: Connection(Role.HUB))
-
-    def send(self, message: Message) -> None:
-        self.writer.write(self.conn.send(message))
-
-    async def next(self) -> Message:
-        """The next message that is not a heartbeat or a ready."""
-        while True:
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                self.conn.receive_data(await self.reader.read(65536))
-                continue
-            assert isinstance(event, Message), f"connection ended: {event}"
-            if not isinstance(event, Heartbeat | Ready):
-                return event
-
-    async def expect(self, kind: type[M]) -> M:
-        message = await asyncio.wait_for(self.next(), 10)
-        assert isinstance(message, kind), f"expected {kind.__name__}, got {message}"
-        return message
-
-    async def handshake(self, resumed: list[int]) -> Hello:
-        hello = await self.expect(Hello)
-        nonce = new_nonce()
-        self.send(Challenge(nonce=nonce))
-        proof = await self.expect(Proof)
-        claim = Claim(hello.volunteer, hello.public_key, hello.token)
-        verify_proof(nonce, claim, proof.signature)
-        self.send(
-            Welcome(
-                protocol=PROTOCOL_VERSION,
-                node_id=node_id_for(hello.public_key),
-                heartbeat_interval=30.0,
-                heartbeat_misses=3,
-                max_frame_size=4 * 1024 * 1024,
-                resumed=resumed,
-            )
-        )
-        return hello
-
-    def serve_file(self, ask: FetchFile, content: bytes = DATA) -> None:
-        piece = content[ask.offset : ask.offset + SERVED_CHUNK]
-        self.send(FileChunk(sha256=ask.sha256, offset=ask.offset, total=len(content), data=piece))
-
-    def close(self) -> None:
-        self.writer.close()
+def serve_file(hub: HubSide, ask: FetchFile, content: bytes = DATA) -> None:
+    piece = content[ask.offset : ask.offset + SERVED_CHUNK]
+    hub.send(FileChunk(sha256=ask.sha256, offset=ask.offset, total=len(content), data=piece))
 
 
 @dataclass
@@ -131,45 +72,9 @@ class Setup:
 
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
-    public = generate_key(tmp_path / "owner.key")
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "main.py").write_text(PROGRAM)
-    (project / "project.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": "copy",
-                "version": 1,
-                "entrypoint": ["python3", "main.py"],
-                "mode": "process",
-                "limits": {"wall_seconds": 20, "memory_mb": 256, "output_mb": 1},
-            }
-        )
-    )
-    bundle_path = tmp_path / "copy-1.issc"
-    pack_bundle(project, tmp_path / "owner.key", bundle_path)
-    bundle = bundle_path.read_bytes()
-    connections: asyncio.Queue[HubSide] = asyncio.Queue()
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await connections.put(HubSide(reader, writer))
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config_path = tmp_path / "node.yaml"
-    config_path.write_text(
-        yaml.safe_dump(
-            {
-                "hub": f"127.0.0.1:{port}",
-                "volunteer": "alice",
-                "data_dir": "node",
-                "projects": ["copy"],
-                "trusted_keys": {"copy": public},
-                "slots": 1,
-            }
-        )
-    )
-    client = NodeClient(load_node_config(config_path))
+    bundle = signed_bundle(tmp_path, "copy", "process", PROGRAM)
+    hub = await listen()
+    client = NodeClient(load_node_config(node_config(tmp_path, hub.port, "copy", bundle)))
     stop = asyncio.Event()
     running = asyncio.create_task(client.run(stop))
     offer = TaskOffer(
@@ -177,18 +82,18 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         project="copy",
         task="t-1",
         version=1,
-        digest=hashlib.sha256(bundle).hexdigest(),
-        size=len(bundle),
+        digest=bundle.digest,
+        size=len(bundle.content),
         input=None,
         files=[FileRef(name="data.bin", sha256=DATA_SHA, size=len(DATA))],
     )
     try:
-        yield Setup(connections, client, offer, bundle)
+        yield Setup(hub.connections, client, offer, bundle.content)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(running, 15)
-        server.close()
+        hub.server.close()
 
 
 async def offered(setup: Setup) -> HubSide:
@@ -209,7 +114,7 @@ async def test_input_fetched_across_a_cut_then_output_uploaded_before_the_result
     for offset in (0, 2000):
         ask = await hub.expect(FetchFile)
         assert (ask.sha256, ask.offset) == (DATA_SHA, offset)
-        hub.serve_file(ask)
+        serve_file(hub, ask)
     await hub.expect(FetchFile)  # asked for 4000: the connection is cut instead
     hub.close()
 
@@ -218,7 +123,7 @@ async def test_input_fetched_across_a_cut_then_output_uploaded_before_the_result
     assert hello.leases == [1]  # the lease waiting for its file is still held
     ask = await hub.expect(FetchFile)
     assert ask.offset == 4000  # resumed from the partial file
-    hub.serve_file(ask)
+    serve_file(hub, ask)
 
     copy_sha = DATA_SHA  # out/copy.bin is a copy of the input
     probe = await hub.expect(Upload)
@@ -259,7 +164,7 @@ async def test_an_input_that_fails_its_digest_twice_fails_the_task_naming_the_fi
     wrong = b"x" * len(DATA)
     for _ in range(2):
         for _ in range(3):
-            hub.serve_file(await hub.expect(FetchFile), wrong)
+            serve_file(hub, await hub.expect(FetchFile), wrong)
     result = await hub.expect(Result)
     assert result.ok is False
     assert result.files == []
@@ -295,7 +200,7 @@ async def test_the_result_is_signed_spooled_with_its_signature_and_resent_alike(
     hub.send(BundleChunk(digest=ask.digest, offset=0, total=len(setup.bundle), data=setup.bundle))
     assert (await hub.expect(Accept)).leases == [1]
     for _ in range(3):
-        hub.serve_file(await hub.expect(FetchFile))
+        serve_file(hub, await hub.expect(FetchFile))
     probe = await hub.expect(Upload)
     hub.send(UploadAck(lease=1, name=probe.name, received=probe.size))  # held already
     result = await hub.expect(Result)

@@ -10,40 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
-import yaml
+from scripted_hub import HubSide, listen, node_config, signed_bundle
 
-from issc.bundle import pack_bundle
 from issc.config import load_node_config
-from issc.keys import generate_key
-from issc.nodeauth import Claim, new_nonce, node_id_for, verify_proof
 from issc.protocol import (
-    NEED_DATA,
-    PROTOCOL_VERSION,
     Accept,
     BundleChunk,
     Cancel,
-    Challenge,
-    Connection,
     Decline,
     FetchBundle,
-    Heartbeat,
-    Hello,
     Message,
     Offer,
-    Proof,
     Ready,
     Result,
     ResultAck,
-    Role,
     TaskOffer,
-    Welcome,
 )
 from node.client import (
     MAX_QUEUED_PER_SLOT,
@@ -92,42 +79,6 @@ class GatedExecutor:
 
 
 @dataclass
-class HubSide:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    conn: Connection = field(default_factory=lambda: Connection(Role.HUB))
-
-    def send(self, message: Message) -> None:
-        self.writer.write(self.conn.send(message))
-
-    async def _next_any(self) -> Message:
-        while True:
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                data = await self.reader.read(65536)
-                self.conn.receive_data(data)
-                continue
-            assert isinstance(event, Message), f"connection ended: {event}"
-            return event
-
-    async def expect(self, kind: type[M]) -> M:
-        """The next message of ``kind``, skipping heartbeats (and readies, unless asked
-        for one)."""
-
-        async def wanted() -> M:
-            while True:
-                message = await self._next_any()
-                if isinstance(message, Heartbeat) or (
-                    isinstance(message, Ready) and kind is not Ready
-                ):
-                    continue
-                assert isinstance(message, kind), f"expected {kind.__name__}, got {message}"
-                return message
-
-        return await asyncio.wait_for(wanted(), 10)
-
-
-@dataclass
 class Setup:
     hub: HubSide
     client: NodeClient
@@ -151,76 +102,22 @@ class Setup:
 
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
-    public = generate_key(tmp_path / "owner.key")
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "main.py").write_text("print('never run: the executor is a fake')\n")
-    (project / "project.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": "sums",
-                "version": 1,
-                "entrypoint": ["python3", "main.py"],
-                "mode": "persistent",
-                "limits": {"wall_seconds": 20, "memory_mb": 256, "output_mb": 1},
-            }
-        )
-    )
-    bundle_path = tmp_path / "sums-1.issc"
-    pack_bundle(project, tmp_path / "owner.key", bundle_path)
-    bundle = bundle_path.read_bytes()
-    connections: asyncio.Queue[HubSide] = asyncio.Queue()
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await connections.put(HubSide(reader, writer))
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config_path = tmp_path / "node.yaml"
-    config_path.write_text(
-        yaml.safe_dump(
-            {
-                "hub": f"127.0.0.1:{port}",
-                "volunteer": "alice",
-                "data_dir": str(tmp_path / "node"),
-                "projects": ["sums"],
-                "trusted_keys": {"sums": public},
-                "slots": 1,
-            }
-        )
-    )
-    client = NodeClient(load_node_config(config_path))
+    bundle = signed_bundle(tmp_path, "sums", "persistent", "print('never run: a fake runs')\n")
+    listening = await listen()
+    client = NodeClient(load_node_config(node_config(tmp_path, listening.port, "sums", bundle)))
     executor = GatedExecutor()
     client.executors["persistent"] = executor
     stop = asyncio.Event()
     running = asyncio.create_task(client.run(stop))
-    hub = await asyncio.wait_for(connections.get(), 10)
-    await handshake(hub)
+    hub = await asyncio.wait_for(listening.connections.get(), 10)
+    await hub.handshake(resumed=[])
     try:
-        yield Setup(hub, client, executor, bundle, hashlib.sha256(bundle).hexdigest(), stop)
+        yield Setup(hub, client, executor, bundle.content, bundle.digest, stop)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(running, 15)
-        server.close()
-
-
-async def handshake(hub: HubSide) -> None:
-    hello = await hub.expect(Hello)
-    nonce = new_nonce()
-    hub.send(Challenge(nonce=nonce))
-    proof = await hub.expect(Proof)
-    verify_proof(nonce, Claim(hello.volunteer, hello.public_key, hello.token), proof.signature)
-    hub.send(
-        Welcome(
-            protocol=PROTOCOL_VERSION,
-            node_id=node_id_for(hello.public_key),
-            heartbeat_interval=30.0,
-            heartbeat_misses=3,
-            max_frame_size=4 * 1024 * 1024,
-            resumed=[],
-        )
-    )
+        listening.server.close()
 
 
 async def until(condition: object, what: str) -> None:
