@@ -21,41 +21,31 @@ import stat
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from scripted_hub import HubSide, listen
 
 from issc.bundle import sign_manifest
 from issc.config import load_node_config
 from issc.errors import BundleError
 from issc.keys import public_key_string
 from issc.manifest import FileEntry, Limits, Manifest, manifest_to_bytes
-from issc.nodeauth import Claim, new_nonce, node_id_for, verify_proof
 from issc.protocol import (
-    NEED_DATA,
-    PROTOCOL_VERSION,
     Accept,
     BundleChunk,
     BundleRefused,
-    Challenge,
-    Connection,
     Decline,
     FetchBundle,
-    Heartbeat,
-    Hello,
     Message,
     Offer,
-    Proof,
-    Ready,
     Result,
     ResultAck,
-    Role,
     TaskOffer,
-    Welcome,
 )
 from node.cache import BundleCache
 from node.client import NodeClient
@@ -323,50 +313,9 @@ def test_the_same_bundle_unflipped_installs(adv_area: Area) -> None:
 # ---- versions: a node never goes back ---------------------------------------------------------
 
 
-@dataclass
-class HubSide:
-    """The node's connection, seen from a hub the test plays."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    conn: Connection = field(default_factory=lambda: Connection(Role.HUB))
-
-    def send(self, message: Message) -> None:
-        self.writer.write(self.conn.send(message))
-
-    async def expect(self, kind: type[M]) -> M:
-        """The next message that is not a heartbeat or a ready."""
-        while True:
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                data = await asyncio.wait_for(self.reader.read(65536), 15)
-                self.conn.receive_data(data)
-                continue
-            assert isinstance(event, Message), f"connection ended: {event}"
-            if not isinstance(event, Heartbeat | Ready):
-                assert isinstance(event, kind), f"expected {kind.__name__}, got {event}"
-                return event
-
-    async def handshake(self) -> None:
-        hello = await self.expect(Hello)
-        nonce = new_nonce()
-        self.send(Challenge(nonce=nonce))
-        proof = await self.expect(Proof)
-        verify_proof(nonce, Claim(hello.volunteer, hello.public_key, hello.token), proof.signature)
-        self.send(
-            Welcome(
-                protocol=PROTOCOL_VERSION,
-                node_id=node_id_for(hello.public_key),
-                heartbeat_interval=30.0,
-                heartbeat_misses=3,
-                max_frame_size=4 * 1024 * 1024,
-                resumed=[],
-            )
-        )
-
-    async def serve_bundle(self, bundle: bytes) -> None:
-        ask = await self.expect(FetchBundle)
-        self.send(BundleChunk(digest=ask.digest, offset=0, total=len(bundle), data=bundle))
+async def serve_bundle(hub: HubSide, bundle: bytes) -> None:
+    ask = await hub.expect(FetchBundle)
+    hub.send(BundleChunk(digest=ask.digest, offset=0, total=len(bundle), data=bundle))
 
 
 def versioned(version: int) -> bytes:
@@ -390,15 +339,9 @@ def offer_of(lease: int, bundle: bytes, version: int) -> Offer:
 
 @pytest.fixture
 async def adv_node_and_hub(tmp_path: Path) -> AsyncIterator[tuple[NodeClient, HubSide]]:
-    connections: asyncio.Queue[HubSide] = asyncio.Queue()
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await connections.put(HubSide(reader, writer))
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    listening = await listen()
     config = {
-        "hub": f"127.0.0.1:{port}",
+        "hub": f"127.0.0.1:{listening.port}",
         "volunteer": "alice",
         "data_dir": str(tmp_path / "node"),
         "projects": ["primes"],
@@ -411,14 +354,14 @@ async def adv_node_and_hub(tmp_path: Path) -> AsyncIterator[tuple[NodeClient, Hu
     stop = asyncio.Event()
     running = asyncio.create_task(client.run(stop))
     try:
-        hub = await asyncio.wait_for(connections.get(), 15)
-        await hub.handshake()
+        hub = await asyncio.wait_for(listening.connections.get(), 15)
+        await hub.handshake(resumed=[])
         yield client, hub
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(running, 15)
-        server.close()
+        listening.server.close()
 
 
 async def test_a_lower_version_after_a_higher_one_is_declined_unfetched(
@@ -427,7 +370,7 @@ async def test_a_lower_version_after_a_higher_one_is_declined_unfetched(
     client, hub = adv_node_and_hub
     v2, v1 = versioned(2), versioned(1)
     hub.send(offer_of(1, v2, 2))
-    await hub.serve_bundle(v2)
+    await serve_bundle(hub, v2)
     assert (await hub.expect(Accept)).leases == [1]
     result = await hub.expect(Result)
     assert (result.lease, result.ok, result.result) == (1, True, 1), result.error
@@ -449,7 +392,7 @@ async def test_an_offer_lying_about_its_version_is_refused(
     client, hub = adv_node_and_hub
     v1 = versioned(1)
     hub.send(offer_of(7, v1, 3))
-    await hub.serve_bundle(v1)
+    await serve_bundle(hub, v1)
     refused = await hub.expect(BundleRefused)
     assert (refused.leases, refused.reason) == ([7], "bundle says version 1, the offer 3")
     assert client.cache.highest_version("primes") == 0  # never run, never recorded

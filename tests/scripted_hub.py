@@ -1,5 +1,6 @@
 """A hub played by the test, message by message, on a real socket: for node client tests
-that must see the node's wiring on the wire (test_node_files_client, test_node_prefetch).
+that must see the node's wiring on the wire (unit/test_node_files_client,
+unit/test_node_prefetch, adversarial/test_bundles).
 """
 
 from __future__ import annotations
