@@ -128,6 +128,9 @@ FAILPOINT_WAIT = 20.0  # seconds an armed hub that is up may take to reach its f
 POSTPONE_LIMIT = 15.0  # seconds a fault may wait for its target (a hub that is up, a node)
 # Faults that kill the hub wait for each other (one failpoint armed at a time): longer.
 HUB_POSTPONE_LIMIT = 30.0
+# A connection cut needs a node connected; after a run of hub restarts every node may be
+# in its reconnect back-off, which is up to 30 s (node/client.py BACKOFF_CAP): longer.
+CONN_POSTPONE_LIMIT = 45.0
 TICK = 0.05  # the main loop's longest sleep
 PROJECTS = ("chaosp", "chaosf")
 # Outcomes of a lease that must never be the one whose result a task kept: the lease
@@ -920,7 +923,12 @@ class Chaos:
         self.say(f"FAULT {ctx.index} {ctx.kind}: {detail}")
 
     def postpone(self, ctx: FaultCtx, reason: str) -> float | None:
-        limit = HUB_POSTPONE_LIMIT if ctx.kind in {"hub_kill", *FAILPOINTS} else POSTPONE_LIMIT
+        if ctx.kind in {"hub_kill", *FAILPOINTS}:
+            limit = HUB_POSTPONE_LIMIT
+        elif ctx.kind == "conn_cut":
+            limit = CONN_POSTPONE_LIMIT
+        else:
+            limit = POSTPONE_LIMIT
         if self.now() - ctx.planned_at > limit:
             self.not_fired[ctx.kind].append(reason)
             self.say(f"fault {ctx.index} {ctx.kind} not fired: {reason}")
