@@ -189,20 +189,23 @@ class PersistentExecutor:
         await asyncio.gather(*self._retiring)
 
     async def _run(self, request: RunRequest, line: bytes, run: Run) -> RunOutcome:
-        acquiring = asyncio.ensure_future(self._acquire(request))
+        # The usual case, an idle process of this bundle, takes no task and no wait.
+        worker: _Worker | str | None = self._take_idle((request.bundle_dir, request.entrypoint))
+        if worker is None:
+            acquiring = asyncio.ensure_future(self._acquire(request))
 
-        def stop_acquiring() -> None:
-            acquiring.cancel()
+            def stop_acquiring() -> None:
+                acquiring.cancel()
 
-        run.attach(stop_acquiring)
-        try:
-            worker = await acquiring
-        except asyncio.CancelledError:
-            if run.stop_reason is None:
-                raise  # run() itself was cancelled, not the lease
-            return failure(run.stop_reason)
-        finally:
-            run.detach()
+            run.attach(stop_acquiring)
+            try:
+                worker = await acquiring
+            except asyncio.CancelledError:
+                if run.stop_reason is None:
+                    raise  # run() itself was cancelled, not the lease
+                return failure(run.stop_reason)
+            finally:
+                run.detach()
         if isinstance(worker, str):
             return failure(worker)
         if run.stop_reason is not None:  # cancelled just as a process became free
@@ -238,7 +241,8 @@ class PersistentExecutor:
             cpu_before = tree_cpu_seconds(worker.proc.pid)
         started = time.monotonic()
         try:
-            reply = await asyncio.wait_for(self._send(worker, line), limits.wall_seconds)
+            async with asyncio.timeout(limits.wall_seconds):  # no task of its own, unlike wait_for
+                reply = await self._send(worker, line)
         except TimeoutError:
             run.stop(wall_exceeded(limits))
             reply = None
@@ -288,11 +292,8 @@ class PersistentExecutor:
         key: _PoolKey = (request.bundle_dir, request.entrypoint)
         async with self._changed:
             while True:
-                self._drop_dead()
-                for idle in self._workers:
-                    if idle.key == key and not idle.busy:
-                        idle.busy = True
-                        return idle
+                if (idle := self._take_idle(key)) is not None:
+                    return idle
                 if self._make_room():
                     self._starting += 1
                     break
@@ -309,6 +310,16 @@ class PersistentExecutor:
                 if worker is not None:
                     self._workers.append(worker)
                 self._changed.notify_all()
+
+    def _take_idle(self, key: _PoolKey) -> _Worker | None:
+        """An idle live process for ``key``, now marked busy; None if there is none. No
+        await in between, so no lock is needed."""
+        self._drop_dead()
+        for idle in self._workers:
+            if idle.key == key and not idle.busy:
+                idle.busy = True
+                return idle
+        return None
 
     def _make_room(self) -> bool:
         """Whether one more process may start, retiring an idle one of any bundle if full."""

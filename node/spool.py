@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from issc.callthread import CallThread
 from issc.fsutil import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ResultSpool:
         self._synced = 0  # of which known to be on disk
         self._syncing: asyncio.Future[None] | None = None
         self._retired: list[int] = []  # old segments' descriptors, closed after the fsync
+        self._syncer: CallThread | None = None  # started by the first fsync
         self._take_legacy_files()
 
     # ---- the API --------------------------------------------------------------------------
@@ -112,6 +114,9 @@ class ResultSpool:
         return self._records.get(lease)
 
     def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
         os.close(self._fd)
 
     # ---- the journal ----------------------------------------------------------------------
@@ -139,13 +144,20 @@ class ResultSpool:
         # The state is updated before the future is done, so every waiter sees it.
         upto, fd = self._written, self._fd
         try:
-            await asyncio.to_thread(os.fsync, fd)
+            await self._fsync_off_loop(fd)
             self._synced = max(self._synced, upto)
         finally:
             self._syncing = None
             for retired in self._retired:
                 os.close(retired)
             self._retired.clear()
+
+    async def _fsync_off_loop(self, fd: int) -> None:
+        """fsync ``fd`` on the spool's own thread (one thread, started by the first call:
+        cheaper per call than asyncio.to_thread's pool, and a busy node makes one a batch)."""
+        if self._syncer is None:
+            self._syncer = CallThread("issc-spool-sync")
+        await self._syncer.run(asyncio.get_running_loop(), lambda: os.fsync(fd))
 
     def _next_segment(self) -> None:
         # The old segment's bytes must be on disk before the new one's: fsync it now (rare).

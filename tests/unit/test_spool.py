@@ -156,13 +156,13 @@ async def test_a_put_that_arrives_as_an_fsync_ends_is_synced_too(
     spool = ResultSpool(tmp_path)
     gates: list[asyncio.Future[None]] = []
 
-    async def gated_to_thread(function: Any, *args: Any) -> Any:
+    async def gated_fsync(fd: int) -> None:
         gate = asyncio.get_running_loop().create_future()
         gates.append(gate)
         await gate
-        return function(*args)
+        os.fsync(fd)
 
-    monkeypatch.setattr(spool_module.asyncio, "to_thread", gated_to_thread)
+    monkeypatch.setattr(spool, "_fsync_off_loop", gated_fsync)
     first = asyncio.create_task(spool.put(1, record(1)))
     while not gates:
         await asyncio.sleep(0)
