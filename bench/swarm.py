@@ -41,7 +41,7 @@ from cluster import BenchError, Cluster, machine, run_in_workdir
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from issc.keys import public_key_string
-from issc.nodeauth import Claim, sign_proof
+from issc.nodeauth import Claim, answer_challenge
 from issc.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -63,7 +63,7 @@ from issc.protocol import (
     TaskOffer,
     Welcome,
 )
-from issc.resultsig import given_of, returned_of, sign_result
+from issc.resultmac import given_of, result_mac, returned_of, transcript_digest
 
 PROJECT = "swarm"
 VOLUNTEERS = 100  # simulated nodes belong to this many volunteers, round robin
@@ -108,6 +108,7 @@ class SimulatedNode:
         self.stats = stats
         self.conn = Connection(Role.NODE)
         self.node_id = ""
+        self.result_key = b""
         self.sent_at: deque[float] = deque()  # heartbeats not yet acknowledged
         self.writer: asyncio.StreamWriter | None = None
 
@@ -129,7 +130,9 @@ class SimulatedNode:
         if not isinstance(challenge, Challenge):
             raise BenchError(f"expected challenge, got {challenge}")
         claim = Claim(hello.volunteer, hello.public_key, hello.token)
-        self.send(Proof(signature=sign_proof(self.key, challenge.nonce, claim)))
+        answer = answer_challenge(self.key, challenge.nonce, challenge.kex, claim)
+        self.result_key = answer.result_key
+        self.send(Proof(signature=answer.signature, kex=answer.kex))
         welcome = await self.receive(reader)
         if not isinstance(welcome, Welcome):
             raise BenchError(f"expected welcome, got {welcome}")
@@ -204,7 +207,7 @@ class SimulatedNode:
                 cpu_seconds=0.0,
                 wall_seconds=0.0,
                 files=[],
-                signature=sign_result(self.key, self.node_id, given, returned),
+                mac=result_mac(self.result_key, transcript_digest(self.node_id, given, returned)),
             )
         )
 

@@ -27,8 +27,6 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from hub import events as ev
 from hub import faults
 from hub.blobs import ContentStore, UploadArea
@@ -46,7 +44,6 @@ from hub.store_inbox import OfferPayload
 from issc.config import HubConfig
 from issc.errors import AuthError, StoreError
 from issc.fsutil import write_all
-from issc.keys import parse_public_key
 from issc.names import PLAIN_NAME_RE
 from issc.protocol import (
     BUNDLE_CHUNK_SIZE,
@@ -59,7 +56,7 @@ from issc.protocol import (
     ResultAck,
     TaskOffer,
 )
-from issc.resultsig import Given, given_of, returned_of, verify_result
+from issc.resultmac import Given, check_result_mac, given_of, returned_of, transcript_digest
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +119,6 @@ class HubRuntime:
         # count), dropped when it finishes; after a restart, rebuilt from the store on demand.
         # A tuple: the candidates (one, unless rebuilt: see _offered_under).
         self._offered: dict[int, dict[int, tuple[Given, ...]]] = {}  # task -> lease -> Given
-        self._node_keys: dict[str, Ed25519PublicKey] = {}  # of the nodes attached now
         self.transfers = {
             "bundles_sent": 0,  # whole bundles: chunks that reached a bundle's end
             "bundle_bytes_sent": 0,
@@ -180,8 +176,6 @@ class HubRuntime:
             old.close()
         self.sessions[session.node_id] = session
         self._volunteers[session.node_id] = hello.volunteer  # for log lines after it left
-        # Parsed once per session (the hello was checked): every result is verified with it.
-        self._node_keys[session.node_id] = parse_public_key(hello.public_key)
         self.submit(
             ev.NodeJoined(
                 session.node_id,
@@ -196,7 +190,6 @@ class HubRuntime:
         assert session.node_id is not None
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
-            self._node_keys.pop(session.node_id, None)
             log.info(
                 "node %s of %s left (%s); its leases wait one heartbeat window",
                 session.node_id,
@@ -296,11 +289,12 @@ class HubRuntime:
         if full:
             self.degrade(f"disk full: uploads: {exc}")
 
-    async def result_forged(self, node_id: str, message: Result) -> str | None:
-        """Why ``message`` is not this node's signed result for what the hub offered under
-        its lease (something on the way altered the offer or the result), or None if it is.
+    async def result_forged(self, node_id: str, key: bytes, message: Result) -> str | None:
+        """Why ``message`` is not this node's authenticated result for what the hub
+        offered under its lease (something on the way altered the offer or the result),
+        or None if it is. ``key`` is the connection's result key (issc.nodeauth).
 
-        For a lease whose task is unfinished (upload_wanted): one Ed25519 verification.
+        For a lease whose task is unfinished (upload_wanted): one SHA-256 and one HMAC.
         A lease of another node is not checked: the scheduler refuses its result anyway.
         """
         holder = self.scheduler.leases.get(message.lease) or self.scheduler.past_leases.get(
@@ -308,9 +302,6 @@ class HubRuntime:
         )
         if holder is not None and holder.node_id != node_id:
             return None
-        key = self._node_keys.get(node_id)
-        if key is None:
-            return "the node's key is unknown"  # not attached: cannot happen
         try:
             returned = returned_of(
                 message.ok,
@@ -325,7 +316,7 @@ class HubRuntime:
         problem = "the hub does not know what it offered under this lease"
         for given in await self._offered_under(message.lease):
             try:
-                verify_result(key, message.signature, node_id, given, returned)
+                check_result_mac(key, message.mac, transcript_digest(node_id, given, returned))
             except AuthError as exc:
                 problem = str(exc)
                 continue
@@ -466,7 +457,6 @@ class HubRuntime:
             self.config.data_dir,
         )
         self.sessions.clear()  # so their ends submit no NodeLeft: the scheduler is rebuilt
-        self._node_keys.clear()
         for session in sessions:
             if not session.closed:  # one that met the fault was told already
                 session.end(ErrorCode.INTERNAL, self._unavailable())

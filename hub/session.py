@@ -29,7 +29,7 @@ from issc.errors import (
 )
 from issc.keys import parse_public_key
 from issc.names import SHA256_RE
-from issc.nodeauth import Claim, new_nonce, verify_proof
+from issc.nodeauth import Claim, Exchange, new_kex, new_nonce, result_key, verify_proof
 from issc.protocol import (
     CLOSED,
     MAX_FRAME_SIZE,
@@ -159,6 +159,7 @@ class NodeSession:
         self.address = transport.address
         self.peers: RelayedPeers | None = None  # set once this node relays for others
         self.node_id: str | None = None
+        self.result_key = b""  # the connection's, from the handshake (issc.nodeauth)
         self.volunteer = ""
         self.slots = 0
         self.closed = False
@@ -293,18 +294,25 @@ class NodeSession:
         if problem:
             self._send_error(ErrorCode.PROTOCOL, problem)
             return None
-        # A fresh nonce for every connection: a proof recorded on another one is useless.
+        # A fresh nonce and key for every connection: a proof recorded on another one is
+        # useless, and so is a result key learnt from one.
         nonce = new_nonce()
-        self.send(Challenge(nonce=nonce))
+        kex_private, hub_kex = new_kex()
+        self.send(Challenge(nonce=nonce, kex=hub_kex))
         proof = await self._next_message()
         if isinstance(proof, Error):
             log.warning("%s: the node refused the challenge: %s", self.address, proof.message[:500])
         if not isinstance(proof, Proof):
             return None
+        exchange = Exchange(nonce, hub_kex, proof.kex)
         try:
-            verify_proof(nonce, _claim(hello), proof.signature)
+            verify_proof(exchange, _claim(hello), proof.signature)
+            self.result_key = result_key(kex_private, exchange, proof.kex)
         except AuthError as exc:
             self._refuse(hello, str(exc))
+            return None
+        except ValueError:  # a point of small order: a secret everybody knows
+            self._refuse(hello, "the proof's key exchange value is not usable (small order)")
             return None
         return hello
 
@@ -543,10 +551,11 @@ class NodeSession:
 
     async def _on_result(self, message: Result) -> None:
         if self.runtime.upload_wanted(message.lease):
-            # First of all, on every path (direct or relayed): the node signed what it was
-            # given and what it returns; whatever altered either on the way is caught here.
+            # First of all, on every path (direct or relayed): the node authenticated what
+            # it was given and what it returns; whatever altered either on the way is
+            # caught here.
             try:
-                problem = await self.runtime.result_forged(self._id, message)
+                problem = await self.runtime.result_forged(self._id, self.result_key, message)
             except StoreError as exc:  # rebuilding an offer made before a restart
                 log.error(
                     "node %s: cannot check the result of lease %d: %s",
@@ -566,7 +575,7 @@ class NodeSession:
                     f"via relay {self.via}" if self.via else "direct connection",
                     problem,
                 )
-                reason = "the result's signature does not verify: altered on the way"
+                reason = "the result's HMAC does not check: altered on the way"
                 try:
                     # Given back, not failed: the task is run again, no attempt counted;
                     # committed before the node is told to forget the result.
@@ -582,7 +591,7 @@ class NodeSession:
                 self._send_error(
                     ErrorCode.RELAY,
                     f"the result of lease {message.lease} was altered on its way to the hub"
-                    f"{path} (its signature does not verify); the lease was given back",
+                    f"{path} (its HMAC does not check); the lease was given back",
                 )
                 return
         wanted = message.ok and self.runtime.upload_wanted(message.lease)

@@ -84,7 +84,7 @@ from node.runs import failure
 from node.sandbox import kill_recorded_namespaces, remove_tree, sandbox_for
 from node.spool import ResultSpool
 from node.transfer import Send
-from node.upload import Uploader, given_record, sign_record
+from node.upload import Uploader, given_record, seal_record
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class _Link:
     fallbacks: bool = False  # whether addresses after this one were there to try
     moving_to: Address | None = None  # closed on purpose to move to a preferred address
     welcomed: bool = False  # the hub accepted this connection
+    result_key: bytes = b""  # from the handshake: authenticates results (issc.nodeauth)
 
 
 class NodeClient:
@@ -177,7 +178,7 @@ class NodeClient:
             )
             # The relay's own tasks take their bundles from its relay cache: one download.
             self.bundles = BundleFetcher(self.cache, source=self.relay.bundles.fetch_blob)
-        self.uploads = Uploader(signer=self.identity)
+        self.uploads = Uploader(node_id=self.identity.node_id)
         self.scratch = data / "scratch"
         # Sandboxes of runs the node was killed in the middle of may still run (a root
         # node's bubblewrap namespaces: node/sandbox.py, record_namespace): end them first.
@@ -375,11 +376,12 @@ class NodeClient:
         )
         challenge = await self._handshake_reply(link, Challenge)
         try:
-            signature = self.identity.prove(challenge.nonce, volunteer, token)
+            answer = self.identity.answer(challenge.nonce, challenge.kex, volunteer, token)
         except ValueError as exc:
             self._send(link, Error(code=ErrorCode.PROTOCOL, message=f"challenge: {exc}"))
             raise RemoteProtocolError(f"the hub sent an unusable challenge: {exc}") from None
-        self._send(link, Proof(signature=signature))
+        link.result_key = answer.result_key
+        self._send(link, Proof(signature=answer.signature, kex=answer.kex))
         welcome = await self._handshake_reply(link, Welcome)
         if welcome.node_id != self.identity.node_id:
             raise RemoteProtocolError(
@@ -421,7 +423,7 @@ class NodeClient:
         send = self._sender(link)
         self.bundles.attach(send)
         self.inputs.attach(send)  # downloads of resumed leases go on from their partial files
-        self.uploads.attach(send)
+        self.uploads.attach(send, link.result_key)
         if self.relay is not None:
             self.relay.uplink_up(Uplink(send, link.writer.drain, welcome.max_frame_size))
         for lease in self.spool.leases():
@@ -730,14 +732,14 @@ class NodeClient:
             "given": given_record(offer),
         }
         try:
-            # Signed as it will travel (after _sendable), and kept with it: a result sent
-            # again after a restart carries the same signature.
-            sign_record(self.identity, record)
+            # Digested as it will travel (after _sendable), once, and kept with it: each
+            # connection it is sent over authenticates the digest with its own key.
+            seal_record(self.identity.node_id, record)
         except ValueError as exc:  # a lone surrogate in the result: not UTF-8, cannot travel
             self.spool.discard_outputs(offer.lease)
             error = f"result cannot be sent: {exc}"
             record.update(ok=False, result=None, error=error, files=[])
-            sign_record(self.identity, record)
+            seal_record(self.identity.node_id, record)
         await self.spool.put(offer.lease, record)
         log.info(
             "task %s/%s %s in %.2f s",

@@ -16,8 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from issc.keys import load_or_create_private_key, load_private_key, public_key_string
-from issc.nodeauth import Claim, node_id_for, sign_proof
-from issc.resultsig import Given, Returned, sign_result
+from issc.nodeauth import Answer, Claim, answer_challenge, node_id_for
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +56,17 @@ class NodeIdentity:
         public = public_key_string(key.public_key())
         return cls(key=key, public_key=public, node_id=node_id_for(public), path=path)
 
-    def prove(self, nonce: bytes, volunteer: str, token: str | None) -> bytes:
-        """The signature for a ``proof``: this key over the transcript of the hub's nonce
-        and the hello's claim.
+    def answer(self, nonce: bytes, hub_kex: bytes, volunteer: str, token: str | None) -> Answer:
+        """The answer to the hub's challenge: this key's signature over the transcript of
+        the challenge, a fresh key exchange value and the hello's claim; and the
+        connection's result key.
 
         Raises:
-            ValueError: the nonce is not issc.nodeauth.NONCE_BYTES long.
+            ValueError: the challenge's values have the wrong length, or the hub's key
+                exchange value is of small order.
         """
         claim = Claim(volunteer=volunteer, public_key=self.public_key, token=token)
-        return sign_proof(self.key, nonce, claim)
-
-    def sign_result(self, given: Given, returned: Returned) -> bytes:
-        """The signature for a ``result``: this key over issc.resultsig's transcript of
-        what the node was given under a lease and what it returns.
-
-        Raises:
-            ValueError: a string in it is not UTF-8 (a lone surrogate).
-        """
-        return sign_result(self.key, self.node_id, given, returned)
+        return answer_challenge(self.key, nonce, hub_kex, claim)
 
 
 def node_id_in(data_dir: Path) -> str | None:

@@ -4,7 +4,7 @@ Peers speak the ordinary node protocol to the relay (``relay: {listen: host:port
 Each peer connection is announced to the hub with ``peer_opened`` and its frames travel
 in ``relayed`` envelopes over the relay's uplink, where the hub serves it as a node of
 its own: the peer proves its own identity, gets its own offers, and its results carry
-its own signature. The relay decodes every frame both ways (a peer cannot send the hub
+its own MAC. The relay decodes every frame both ways (a peer cannot send the hub
 anything a direct node could not) and answers two requests itself:
 
 * ``fetch_bundle``: bundles are fetched from the hub once, checked against their

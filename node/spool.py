@@ -18,8 +18,8 @@ moves them there before the record is written); the record's ``files`` lists the
 ``{"name", "sha256", "size"}``. An ``.out`` directory without a record is the leftover
 of a crash before the record was written, and is swept at start-up.
 
-A record also keeps the result's signature (``"signature"``, hex) and what the node was
-given under the lease (``"given"``), see node.upload.
+A record also keeps the SHA-256 of the result's transcript (``"transcript"``, hex) and
+what the node was given under the lease (``"given"``), see node.upload.
 
 Spools of earlier versions (one ``<lease>.json`` file per result) are taken into the
 journal when the spool is opened.

@@ -17,15 +17,17 @@ neither side loops forever.
 State lives per connection: ``detach`` forgets everything and the node resubmits its
 spool after the next ``welcome``, where every file starts again with a probe.
 
-Every result is signed with the node's key (issc.resultsig) when it is spooled: the
-record keeps the signature (hex, ``"signature"``) and what the node was given under the
-lease (``"given"``: bundle digest, input digest, input files), so that a result sent
-again after a restart carries the same signature, and a result turned into a failure
-here can be signed anew.
+Every result travels with an HMAC under the connection's result key (issc.resultmac).
+When it is spooled, the record gets the SHA-256 of its transcript (hex,
+``"transcript"``) and keeps what the node was given under the lease (``"given"``:
+bundle digest, input digest, input files): each connection the result is sent over
+authenticates that digest with its own key, and a result turned into a failure here is
+digested anew.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -33,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from issc.protocol import BUNDLE_CHUNK_SIZE, FileRef, Message, Result, TaskOffer, Upload, UploadAck
-from issc.resultsig import Given, files_of, json_digest, returned_of
-from node.identity import NodeIdentity
+from issc.resultmac import Given, files_of, json_digest, result_mac, returned_of, transcript_digest
 from node.transfer import Send
 
 log = logging.getLogger(__name__)
@@ -73,17 +74,19 @@ class Uploader:
         *,
         chunk_size: int = BUNDLE_CHUNK_SIZE,
         max_setbacks: int = MAX_SETBACKS,
-        signer: NodeIdentity | None = None,
+        node_id: str = "",
     ) -> None:
         self.chunk_size = chunk_size
         self.max_setbacks = max_setbacks
-        self.signer = signer  # signs the failure a result becomes when its files cannot go
+        self.node_id = node_id  # digests the failure a result becomes when its files cannot go
         self._send: Send | None = None
+        self._key = b""  # the connection's result key
         self._pending: dict[int, _Pending] = {}
 
-    def attach(self, send: Send) -> None:
-        """Send over ``send`` from now on (then ``submit`` the spool)."""
-        self._send = send
+    def attach(self, send: Send, key: bytes) -> None:
+        """Send over ``send`` from now on, results authenticated with the connection's
+        result ``key`` (then ``submit`` the spool)."""
+        self._send, self._key = send, key
         self._pending.clear()
 
     def detach(self) -> None:
@@ -99,6 +102,9 @@ class Uploader:
         """
         if self._send is None:
             return
+        if "transcript" not in record and "given" in record:  # spooled by an older node
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                seal_record(self.node_id, record)
         pending = _Pending(record)
         for entry in record["files"]:
             ref = FileRef(name=entry["name"], sha256=entry["sha256"], size=entry["size"])
@@ -177,7 +183,7 @@ class Uploader:
             pending.waiting, pending.waiting_chunk = ref.name, upload.held is not None
             return
         pending.result_sent = True
-        self._send(result_message(pending.record))
+        self._send(result_message(pending.record, self._key))
 
     def _give_up(self, pending: _Pending, upload: _File, why: str | None = None) -> None:
         """Send the result as a failure: its files cannot be delivered."""
@@ -185,16 +191,14 @@ class Uploader:
         error = f"output file {upload.ref.name} could not be uploaded: {reason}"
         log.error("lease %d: %s", pending.record["lease"], error)
         failed = {**pending.record, "ok": False, "result": None, "error": error, "files": []}
-        # The signature was over the result; the failure needs its own, or the hub refuses it.
-        failed.pop("signature", None)
-        if self.signer is not None and "given" in failed:
-            sign_record(self.signer, failed)
-        else:
-            log.error("lease %d: cannot sign the failure; the hub will refuse it", failed["lease"])
+        # The digest was of the result; the failure needs its own, or the hub refuses it.
+        failed.pop("transcript", None)
+        if "given" in failed:
+            seal_record(self.node_id, failed)
         pending.record, pending.files, pending.waiting = failed, {}, None
         pending.result_sent = True
         if self._send is not None:
-            self._send(result_message(failed))
+            self._send(result_message(failed, self._key))
 
 
 def given_record(offer: TaskOffer) -> dict[str, Any]:
@@ -206,8 +210,9 @@ def given_record(offer: TaskOffer) -> dict[str, Any]:
     }
 
 
-def sign_record(identity: NodeIdentity, record: dict[str, Any]) -> None:
-    """Sign a spool record's result as it will travel: sets ``record["signature"]`` (hex).
+def seal_record(node_id: str, record: dict[str, Any]) -> None:
+    """Digest a spool record's result as it will travel: sets ``record["transcript"]``
+    (hex SHA-256 of issc.resultmac's transcript).
 
     ``record`` holds the fields of ``result`` and ``"given"`` (given_record).
 
@@ -215,7 +220,8 @@ def sign_record(identity: NodeIdentity, record: dict[str, Any]) -> None:
         ValueError: a string in it is not UTF-8 (a lone surrogate): it could not travel.
     """
     given = record["given"]
-    signature = identity.sign_result(
+    digest = transcript_digest(
+        node_id,
         Given(
             record["lease"],
             record["project"],
@@ -233,24 +239,26 @@ def sign_record(identity: NodeIdentity, record: dict[str, Any]) -> None:
             record["files"],
         ),
     )
-    record["signature"] = signature.hex()
+    record["transcript"] = digest.hex()
 
 
-def result_message(record: dict[str, Any]) -> Message:
-    """The ``result`` message of a spool record.
+def result_message(record: dict[str, Any], key: bytes) -> Message:
+    """The ``result`` message of a spool record, authenticated with the connection's
+    result ``key``.
 
-    A record without a signature (spooled by a node from before results were signed)
-    cannot be signed now, the offer being gone: it goes with an empty one, which the hub
-    refuses (the task is given back and run again).
+    A record without its transcript digest (spooled by a node from before results were
+    authenticated this way) goes with an empty HMAC, which the hub refuses: the task is
+    given back and run again.
     """
     files = [FileRef(name=f["name"], sha256=f["sha256"], size=f["size"]) for f in record["files"]]
     try:
-        signature = bytes.fromhex(record["signature"])
+        mac = result_mac(key, bytes.fromhex(record["transcript"]))
     except (KeyError, TypeError, ValueError):
         log.warning(
-            "lease %d: the spooled result has no signature; the hub will refuse it", record["lease"]
+            "lease %d: the spooled result has no transcript digest; the hub will refuse it",
+            record["lease"],
         )
-        signature = b""
+        mac = b""
     return Result(
         lease=record["lease"],
         project=record["project"],
@@ -261,7 +269,7 @@ def result_message(record: dict[str, Any]) -> Message:
         cpu_seconds=record["cpu_seconds"],
         wall_seconds=record["wall_seconds"],
         files=files,
-        signature=signature,
+        mac=mac,
     )
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from issc.bundle import pack_bundle
 from issc.keys import generate_key
-from issc.nodeauth import Claim, new_nonce, node_id_for, verify_proof
+from issc.nodeauth import Claim, Exchange, new_kex, new_nonce, node_id_for, result_key, verify_proof
 from issc.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -40,6 +40,7 @@ class HubSide:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     conn: Connection = field(default_factory=lambda: Connection(Role.HUB))
+    result_key: bytes = b""  # the connection's, once handshake() has run
 
     def send(self, message: Message) -> None:
         self.writer.write(self.conn.send(message))
@@ -64,9 +65,14 @@ class HubSide:
         """Answer the node's hello: challenge, check its proof, welcome it."""
         hello = await self.expect(Hello)
         nonce = new_nonce()
-        self.send(Challenge(nonce=nonce))
+        kex_private, hub_kex = new_kex()
+        self.send(Challenge(nonce=nonce, kex=hub_kex))
         proof = await self.expect(Proof)
-        verify_proof(nonce, Claim(hello.volunteer, hello.public_key, hello.token), proof.signature)
+        exchange = Exchange(nonce, hub_kex, proof.kex)
+        verify_proof(
+            exchange, Claim(hello.volunteer, hello.public_key, hello.token), proof.signature
+        )
+        self.result_key = result_key(kex_private, exchange, proof.kex)
         self.send(
             Welcome(
                 protocol=PROTOCOL_VERSION,

@@ -56,7 +56,7 @@ class ErrorCode(enum.StrEnum):
     """The sender failed on its own; the peer did nothing wrong and may retry later."""
     RELAY = "relay"
     """Something between the node and the hub (a relay) altered what passed through it:
-    a result whose signature does not verify, a bundle that failed the node's checks.
+    a result whose MAC does not check, a bundle that failed the node's checks.
     The node should reach the hub by another address for a while."""
 
 
@@ -121,11 +121,13 @@ class Hello(Message):
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Proof(Message):
-    """The node's answer to ``challenge``: its key's signature over the transcript of
-    the challenge's nonce and the hello's claim (issc.nodeauth.transcript)."""
+    """The node's answer to ``challenge``: its ephemeral X25519 public key, and its key's
+    signature over the transcript of the challenge, that key and the hello's claim
+    (issc.nodeauth.transcript)."""
 
     TAG: ClassVar[str] = "proof"
     signature: bytes  # 64 bytes, Ed25519
+    kex: bytes  # 32 bytes, X25519: the node's half of the connection's result key
 
 
 @_register
@@ -229,7 +231,7 @@ class Result(Message):
     cpu_seconds: float
     wall_seconds: float
     files: list[FileRef]  # output files, uploaded (upload) before the result is sent
-    signature: bytes  # the node key's signature over issc.resultsig's transcript
+    mac: bytes  # HMAC-SHA256 under the connection's result key (issc.resultmac)
 
 
 @_register
@@ -251,6 +253,7 @@ class Challenge(Message):
 
     TAG: ClassVar[str] = "challenge"
     nonce: bytes  # 32 random bytes, fresh for every connection
+    kex: bytes  # 32 bytes, X25519, fresh for every connection: the hub's half of the result key
 
 
 @_register

@@ -29,7 +29,7 @@ from hub.runtime import HubRuntime
 from hub.session import MAX_WRITE_BUFFER, NodeSession
 from issc.config import load_hub_config
 from issc.keys import public_key_string
-from issc.nodeauth import Claim, node_id_for, sign_proof
+from issc.nodeauth import Claim, answer_challenge, node_id_for
 from issc.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -133,7 +133,8 @@ class Peer:
         challenge = await peer.next()
         assert isinstance(challenge, Challenge), challenge
         claim = Claim(hello.volunteer, hello.public_key, hello.token)
-        peer.send(Proof(signature=sign_proof(key, challenge.nonce, claim)))
+        answer = answer_challenge(key, challenge.nonce, challenge.kex, claim)
+        peer.send(Proof(signature=answer.signature, kex=answer.kex))
         welcome = await peer.next()
         assert isinstance(welcome, Welcome), welcome
         return peer

@@ -29,7 +29,7 @@ from hub.store import Store, TaskEntry
 from issc.config import load_hub_config
 from issc.keys import public_key_string
 from issc.manifest import Limits, Manifest
-from issc.nodeauth import Claim, node_id_for, sign_proof
+from issc.nodeauth import Claim, answer_challenge, node_id_for
 from issc.protocol import (
     MAX_FRAME_SIZE,
     NEED_DATA,
@@ -53,7 +53,7 @@ from issc.protocol import (
     TaskOffer,
     Welcome,
 )
-from issc.resultsig import given_of, returned_of, sign_result
+from issc.resultmac import given_of, result_mac, returned_of, transcript_digest
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -132,6 +132,7 @@ class Peer:
         self.reader, self.writer = reader, writer
         self.conn = Connection(Role.NODE)
         self.key: Ed25519PrivateKey | None = None
+        self.result_key = b""  # the connection's, from the handshake
 
     @classmethod
     async def connect(cls, hub: WireHub) -> Peer:
@@ -147,7 +148,9 @@ class Peer:
         peer.send(hello)
         challenge = await peer.expect(Challenge)
         claim = Claim(hello.volunteer, hello.public_key, hello.token)
-        peer.send(Proof(signature=sign_proof(key, challenge.nonce, claim)))
+        answer = answer_challenge(key, challenge.nonce, challenge.kex, claim)
+        peer.result_key = answer.result_key
+        peer.send(Proof(signature=answer.signature, kex=answer.kex))
         await peer.expect(Welcome)
         return peer
 
@@ -216,11 +219,11 @@ def hello_for(key: Ed25519PrivateKey) -> Hello:
     )
 
 
-def result_for(offer: TaskOffer, key: Ed25519PrivateKey, answer: Any = 42) -> Result:
-    """An honest node's signed result for ``offer``."""
+def result_for(offer: TaskOffer, peer: Peer, answer: Any = 42) -> Result:
+    """An honest result of ``peer`` for ``offer``, authenticated with its connection's key."""
     given = given_of(offer.lease, offer.project, offer.task, offer.digest, offer.input, offer.files)
     returned = returned_of(True, answer, None, 0.1, 0.2, [])
-    node_id = node_id_for(public_key_string(key.public_key()))
+    digest = transcript_digest(peer.node_id, given, returned)
     return Result(
         lease=offer.lease,
         project=offer.project,
@@ -231,7 +234,7 @@ def result_for(offer: TaskOffer, key: Ed25519PrivateKey, answer: Any = 42) -> Re
         cpu_seconds=0.1,
         wall_seconds=0.2,
         files=[],
-        signature=sign_result(key, node_id, given, returned),
+        mac=result_mac(peer.result_key, digest),
     )
 
 
@@ -240,7 +243,7 @@ async def adv_serves_a_task(hub: WireHub) -> None:
     good = await Peer.join(hub, GOOD_KEY)
     try:
         offer = await good.take_offer()
-        good.send(result_for(offer, GOOD_KEY))
+        good.send(result_for(offer, good))
         ack = await good.expect(ResultAck)
         assert (ack.lease, ack.accepted, ack.reason) == (offer.lease, True, None)
     finally:
@@ -397,7 +400,7 @@ RESULT_FIELDS: dict[str, Any] = {
     "cpu_seconds": 0.0,
     "wall_seconds": 0.0,
     "files": [],
-    "signature": b"",
+    "mac": b"",
 }
 UINT64_MAX = 2**64 - 1
 
@@ -450,8 +453,8 @@ async def test_a_result_for_a_lease_the_node_does_not_hold_is_not_accepted(
     offer = await holder.take_offer()
     await adv_hub.accepted(offer.lease, holder.node_id)
     intruder = await Peer.join(adv_hub, INTRUDER_KEY)
-    # Another node's live lease, correctly signed by the intruder's own key:
-    intruder.send(result_for(offer, INTRUDER_KEY, answer="forged"))
+    # Another node's live lease, correctly authenticated by the intruder's connection:
+    intruder.send(result_for(offer, intruder, answer="forged"))
     ack = await intruder.expect(ResultAck)
     assert (ack.lease, ack.accepted, ack.reason) == (
         offer.lease,
@@ -459,7 +462,7 @@ async def test_a_result_for_a_lease_the_node_does_not_hold_is_not_accepted(
         "lease held by another node",
     )
     # A lease that never existed:
-    ghost = dataclasses.replace(result_for(offer, INTRUDER_KEY), lease=10**12)
+    ghost = dataclasses.replace(result_for(offer, intruder), lease=10**12)
     intruder.send(ghost)
     ack = await intruder.expect(ResultAck)
     assert (ack.lease, ack.accepted, ack.reason) == (
@@ -470,7 +473,7 @@ async def test_a_result_for_a_lease_the_node_does_not_hold_is_not_accepted(
     await intruder.still_open()  # refused, not disconnected
     # The holder's lease is untouched, and its own result counts.
     assert adv_hub.lease_holder(offer.lease) == (holder.node_id, True)
-    holder.send(result_for(offer, HOLDER_KEY))
+    holder.send(result_for(offer, holder))
     ack = await holder.expect(ResultAck)
     assert (ack.lease, ack.accepted, ack.reason) == (offer.lease, True, None)
     intruder.close()
@@ -491,7 +494,7 @@ async def test_a_heartbeat_naming_another_nodes_lease_changes_nothing(
     await intruder.still_open()  # and no error followed
     assert adv_hub.lease_holder(offer.lease) == (holder.node_id, True)
     assert adv_hub.lease_holder(10**12) is None
-    holder.send(result_for(offer, HOLDER_KEY))
+    holder.send(result_for(offer, holder))
     ack = await holder.expect(ResultAck)
     assert (ack.lease, ack.accepted) == (offer.lease, True)
     intruder.close()
@@ -512,7 +515,7 @@ async def test_an_accept_or_decline_naming_another_nodes_lease_is_ignored(
     await intruder.still_open()
     await asyncio.sleep(0.1)  # the runtime has had its turn at both
     assert adv_hub.lease_holder(offer.lease) == (holder.node_id, True)
-    holder.send(result_for(offer, HOLDER_KEY))
+    holder.send(result_for(offer, holder))
     ack = await holder.expect(ResultAck)
     assert (ack.lease, ack.accepted) == (offer.lease, True)
     intruder.close()

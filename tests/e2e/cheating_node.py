@@ -1,10 +1,10 @@
 """``issc-node`` that lies: the cheater of test_quorum_e2e.
 
 Usage: ``python cheating_node.py --config FILE``. The node runs every task honestly,
-then replaces the value of each successful result before it signs and sends it: a
-number becomes that number plus one, anything else ``{"cheat": true}``. The signature
-is the node's own and verifies, so only comparing results (a quorum, a known answer)
-can catch it. Nothing here is part of issc.
+then replaces the value of each successful result before it authenticates and sends
+it: a number becomes that number plus one, anything else ``{"cheat": true}``. The HMAC
+is the node's own and checks, so only comparing results (a quorum, a known answer) can
+catch it. Nothing here is part of issc.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from e2e_harness import Cluster, GateProject, OwnerKey, wait_until, write_tasks
 
 from issc.keys import public_key_string
-from issc.nodeauth import Claim, sign_proof
+from issc.nodeauth import Claim, answer_challenge
 from issc.protocol import (
     PROTOCOL_VERSION,
     Challenge,
@@ -66,7 +66,7 @@ RESULT = Result(
     cpu_seconds=0.0,
     wall_seconds=0.0,
     files=[],
-    signature=b"\x00" * 64,
+    mac=b"\x00" * 32,
 )
 
 # name: (bytes to send, fragment of the hub's error message)
@@ -150,7 +150,8 @@ def test_malformed_frames_get_an_error_and_the_hub_keeps_serving(
         challenge = read_messages(sock, decoder, Challenge)[-1]
         assert isinstance(challenge, Challenge)
         claim = Claim(HELLO.volunteer, HELLO.public_key, HELLO.token)
-        sock.sendall(frame(Proof(signature=sign_proof(MALLORY_KEY, challenge.nonce, claim))))
+        answer = answer_challenge(MALLORY_KEY, challenge.nonce, challenge.kex, claim)
+        sock.sendall(frame(Proof(signature=answer.signature, kex=answer.kex)))
         assert isinstance(read_messages(sock, decoder, Welcome)[-1], Welcome)
         forged = dataclasses.replace(RESULT, lease=leases[0], result="forged")
         sock.sendall(frame(forged))

@@ -329,7 +329,7 @@ RESULT = Result(
     cpu_seconds=0.0,
     wall_seconds=0.0,
     files=[],
-    signature=b"",
+    mac=b"",
 )
 WELCOME = Welcome(
     protocol=1,
@@ -353,15 +353,15 @@ def connection(role: Role, opened: bool, limit: int) -> Connection:
     if role is Role.HUB:
         conn.receive_data(frame_of(HELLO))
         assert conn.next_event() == HELLO
-        conn.send(Challenge(nonce=b"n" * 32))
-        conn.receive_data(frame_of(Proof(signature=b"s" * 64)))
+        conn.send(Challenge(nonce=b"n" * 32, kex=b"k" * 32))
+        conn.receive_data(frame_of(Proof(signature=b"s" * 64, kex=b"x" * 32)))
         assert isinstance(conn.next_event(), Proof)
         conn.send(WELCOME)
     else:
         conn.send(HELLO)
-        conn.receive_data(frame_of(Challenge(nonce=b"n" * 32)))
+        conn.receive_data(frame_of(Challenge(nonce=b"n" * 32, kex=b"k" * 32)))
         assert isinstance(conn.next_event(), Challenge)
-        conn.send(Proof(signature=b"s" * 64))
+        conn.send(Proof(signature=b"s" * 64, kex=b"x" * 32))
         conn.receive_data(frame_of(WELCOME))
         assert conn.next_event() == WELCOME
     assert conn.state is State.OPEN

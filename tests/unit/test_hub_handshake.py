@@ -25,7 +25,15 @@ from hub.session import NodeSession
 from hub.store import AsyncStore, Store
 from hub.transport import StreamTransport
 from issc.keys import public_key_string
-from issc.nodeauth import Claim, node_id_for, sign_proof, transcript
+from issc.nodeauth import (
+    Claim,
+    Exchange,
+    answer_challenge,
+    new_kex,
+    node_id_for,
+    sign_proof,
+    transcript,
+)
 from issc.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -91,10 +99,10 @@ def hello_for(key: Ed25519PrivateKey, volunteer: str = "alice", token: str | Non
     )
 
 
-def proof_for(key: Ed25519PrivateKey, nonce: bytes, hello: Hello) -> Proof:
-    return Proof(
-        signature=sign_proof(key, nonce, Claim(hello.volunteer, hello.public_key, hello.token))
-    )
+def proof_for(key: Ed25519PrivateKey, challenge: Challenge, hello: Hello) -> Proof:
+    claim = Claim(hello.volunteer, hello.public_key, hello.token)
+    answer = answer_challenge(key, challenge.nonce, challenge.kex, claim)
+    return Proof(signature=answer.signature, kex=answer.kex)
 
 
 class RawNode:
@@ -137,7 +145,7 @@ async def handshake(
     try:
         hello = hello_for(key, volunteer, token)
         challenge = await node.challenge(hello)
-        return await node.send(proof_for(key, challenge.nonce, hello))
+        return await node.send(proof_for(key, challenge, hello))
     finally:
         node.close()
 
@@ -194,14 +202,29 @@ async def test_hello_challenge_proof_welcome(hub: Hub) -> None:
     assert isinstance(again, Welcome) and again.node_id == node_id
 
 
-async def test_every_connection_gets_a_new_nonce(hub: Hub) -> None:
-    nonces = set()
+async def test_every_connection_gets_a_new_nonce_and_key_exchange_value(hub: Hub) -> None:
+    nonces, kexes = set(), set()
     for _ in range(3):
         node = await RawNode.connect(hub)
-        nonces.add((await node.challenge(hello_for(ALICE_KEY))).nonce)
+        challenge = await node.challenge(hello_for(ALICE_KEY))
+        nonces.add(challenge.nonce)
+        kexes.add(challenge.kex)
         node.close()
-    assert len(nonces) == 3
-    assert all(len(n) == 32 for n in nonces)
+    assert len(nonces) == len(kexes) == 3
+    assert all(len(n) == 32 for n in nonces | kexes)
+
+
+async def test_a_proof_with_a_key_exchange_value_of_small_order_is_refused(hub: Hub) -> None:
+    # Its secret would be all zeros, whoever the hub is: the result key would be public.
+    node = await RawNode.connect(hub)
+    hello = hello_for(ALICE_KEY)
+    challenge = await node.challenge(hello)
+    claim = Claim(hello.volunteer, hello.public_key, hello.token)
+    exchange = Exchange(challenge.nonce, challenge.kex, bytes(32))
+    proof = Proof(signature=sign_proof(ALICE_KEY, exchange, claim), kex=bytes(32))
+    refused(await node.send(proof), "small order")
+    node.close()
+    assert hub.runtime.joined == []
 
 
 # ---- attacks -------------------------------------------------------------------------------
@@ -214,7 +237,7 @@ async def test_a_replayed_handshake_is_refused_and_logged(
     node = await RawNode.connect(hub)
     hello = hello_for(ALICE_KEY)
     challenge = await node.challenge(hello)
-    recorded = proof_for(ALICE_KEY, challenge.nonce, hello)
+    recorded = proof_for(ALICE_KEY, challenge, hello)
     assert isinstance(await node.send(recorded), Welcome)
     node.close()
     # ...and play it back on a new connection, without the key.
@@ -235,7 +258,9 @@ async def test_a_proof_signed_by_another_key_is_refused(hub: Hub) -> None:
     hello = hello_for(ALICE_KEY, volunteer="alice")
     challenge = await node.challenge(hello)
     claim = Claim(hello.volunteer, hello.public_key, hello.token)
-    forged = Proof(signature=MALLORY_KEY.sign(transcript(challenge.nonce, claim)))
+    node_kex = new_kex()[1]
+    exchange = Exchange(challenge.nonce, challenge.kex, node_kex)
+    forged = Proof(signature=MALLORY_KEY.sign(transcript(exchange, claim)), kex=node_kex)
     refused(await node.send(forged), "does not verify")
     node.close()
     assert hub.runtime.joined == []
@@ -246,7 +271,7 @@ async def test_a_proof_made_for_another_volunteer_is_refused(hub: Hub) -> None:
     hello = hello_for(ALICE_KEY, volunteer="mallory")
     challenge = await node.challenge(hello)
     # Signed for alice, presented for mallory.
-    proof = proof_for(ALICE_KEY, challenge.nonce, dataclasses.replace(hello, volunteer="alice"))
+    proof = proof_for(ALICE_KEY, challenge, dataclasses.replace(hello, volunteer="alice"))
     refused(await node.send(proof), "does not verify")
     node.close()
 

@@ -192,7 +192,7 @@ class Conn:
         self.send(hello)
         challenge = await self.next()
         assert isinstance(challenge, Challenge), challenge
-        self.send(proof_for(key, challenge.nonce, hello))
+        self.send(proof_for(key, challenge, hello))
         welcome = await self.next()
         assert isinstance(welcome, Welcome), welcome
 
@@ -450,9 +450,9 @@ async def test_a_cancel_is_never_sent_before_welcome(tmp_path: Path) -> None:
     node = Connection(Role.NODE)
     session.conn.receive_data(node.send(hello_for(GOOD_KEY)))
     assert isinstance(session.conn.next_event(), Hello)
-    node.receive_data(session.conn.send(Challenge(nonce=b"\x00" * 32)))
+    node.receive_data(session.conn.send(Challenge(nonce=b"\x00" * 32, kex=b"\x00" * 32)))
     assert isinstance(node.next_event(), Challenge)
-    session.conn.receive_data(node.send(Proof(signature=b"\x00" * 64)))
+    session.conn.receive_data(node.send(Proof(signature=b"\x00" * 64, kex=b"\x00" * 32)))
     assert isinstance(session.conn.next_event(), Proof)
     session.node_id = "n-00000001"
     runtime.sessions[session.node_id] = session

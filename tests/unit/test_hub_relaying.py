@@ -21,7 +21,7 @@ from hub.session import NodeSession
 from hub.store import Store
 from hub.transport import StreamTransport
 from issc.keys import public_key_string
-from issc.nodeauth import Claim, node_id_for, transcript
+from issc.nodeauth import Claim, Exchange, new_kex, node_id_for, transcript
 from issc.protocol import (
     MAX_FRAME_SIZE,
     NEED_DATA,
@@ -98,7 +98,7 @@ class Relay:
         raw = await RawNode.connect(hub)
         hello = hello_for(RELAY_KEY, "rita")
         challenge = await raw.challenge(hello)
-        welcome = await raw.send(proof_for(RELAY_KEY, challenge.nonce, hello))
+        welcome = await raw.send(proof_for(RELAY_KEY, challenge, hello))
         assert isinstance(welcome, Welcome), welcome
         return cls(raw)
 
@@ -141,7 +141,7 @@ class Relay:
         self.send_for(number, hello)
         challenge = await self.next_for(number)
         assert isinstance(challenge, Challenge), challenge
-        self.send_for(number, proof_for(key, challenge.nonce, hello))
+        self.send_for(number, proof_for(key, challenge, hello))
         return await self.next_for(number)
 
 
@@ -169,7 +169,9 @@ async def test_a_peer_must_prove_its_own_key(hub: Hub) -> None:
     assert isinstance(challenge, Challenge)
     # The relay signs with its own key in the peer's name: refused, like a direct forgery.
     claim = Claim(hello.volunteer, hello.public_key, hello.token)
-    relay.send_for(1, Proof(signature=RELAY_KEY.sign(transcript(challenge.nonce, claim))))
+    node_kex = new_kex()[1]
+    exchange = Exchange(challenge.nonce, challenge.kex, node_kex)
+    relay.send_for(1, Proof(signature=RELAY_KEY.sign(transcript(exchange, claim)), kex=node_kex))
     refusal = await relay.next_for(1)
     assert isinstance(refusal, Error) and refusal.code == ErrorCode.AUTH, refusal
     assert await relay.next() == PeerClosed(peer=1, reason="closed by the hub")

@@ -1,10 +1,11 @@
-"""Signed results at the hub, over real loopback connections: the real NodeSession,
+"""Authenticated results at the hub, over real loopback connections: the real NodeSession,
 HubRuntime, Scheduler and SQLite store; the node is played by hand so it can be lied for.
 
-A result counts only if its signature (issc.resultsig) verifies against what the hub
-offered under the lease and what arrived; anything altered on the way (by a relay) gives
-the lease back (the task is NA again, no attempt counted), answers ``result_ack`` with
-``accepted: false`` and ends the connection with an ``error`` of code ``relay``.
+A result counts only if its HMAC under the connection's result key (issc.resultmac)
+checks against what the hub offered under the lease and what arrived; anything altered on
+the way (by a relay) gives the lease back (the task is NA again, no attempt counted),
+answers ``result_ack`` with ``accepted: false`` and ends the connection with an ``error``
+of code ``relay``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from hub.store import Store, TaskEntry
 from hub.transport import StreamTransport
 from issc.keys import public_key_string
 from issc.manifest import Limits, Manifest
-from issc.nodeauth import Claim, node_id_for, sign_proof
+from issc.nodeauth import Claim, answer_challenge, node_id_for
 from issc.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -57,7 +58,7 @@ from issc.protocol import (
     TaskOffer,
     Welcome,
 )
-from issc.resultsig import given_of, returned_of, sign_result
+from issc.resultmac import given_of, result_mac, returned_of, transcript_digest
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -180,6 +181,7 @@ class RawNode:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.conn = Connection(Role.NODE)
+        self.result_key = b""  # the connection's, from the handshake
 
     @classmethod
     async def join(
@@ -200,7 +202,9 @@ class RawNode:
         node.send(hello)
         challenge = await node.expect(Challenge)
         claim = Claim(hello.volunteer, hello.public_key, hello.token)
-        node.send(Proof(signature=sign_proof(key, challenge.nonce, claim)))
+        answer = answer_challenge(key, challenge.nonce, challenge.kex, claim)
+        node.result_key = answer.result_key
+        node.send(Proof(signature=answer.signature, kex=answer.kex))
         return node, await node.expect(Welcome)
 
     def send(self, message: Message) -> None:
@@ -236,6 +240,7 @@ class RawNode:
 
 
 def result_for(
+    node: RawNode,
     offer: TaskOffer,
     answer: Any = ANSWER,
     *,
@@ -243,8 +248,9 @@ def result_for(
     signed_answer: Any = None,
     signed_digest: str | None = None,
 ) -> Result:
-    """An honest node's result for ``offer``; the ``signed_*`` arguments make the node sign
-    something else than what travels (what a relay's tampering looks like to the hub)."""
+    """An honest result of ``node`` for ``offer``, authenticated with its connection's key;
+    the ``signed_*`` arguments make the node authenticate something else than what travels
+    (what a relay's tampering looks like to the hub)."""
     given = given_of(
         offer.lease,
         offer.project,
@@ -266,7 +272,7 @@ def result_for(
         cpu_seconds=0.25,
         wall_seconds=0.5,
         files=[],
-        signature=sign_result(KEY, NODE, given, returned),
+        mac=result_mac(node.result_key, transcript_digest(NODE, given, returned)),
     )
 
 
@@ -281,7 +287,7 @@ async def still_connected(node: RawNode) -> None:
 async def assert_refused_as_relayed(node: RawNode, world: World, lease: int) -> None:
     ack = await node.expect(ResultAck)
     assert (ack.lease, ack.accepted) == (lease, False)
-    assert ack.reason is not None and "signature" in ack.reason
+    assert ack.reason is not None and "HMAC" in ack.reason
     error = await node.expect(Error)
     assert error.code == ErrorCode.RELAY
     assert f"lease {lease}" in error.message
@@ -292,12 +298,12 @@ async def assert_refused_as_relayed(node: RawNode, world: World, lease: int) -> 
     assert lease not in world.hub.runtime.scheduler.leases
 
 
-async def test_a_correctly_signed_result_is_accepted(world: World) -> None:
+async def test_a_correctly_authenticated_result_is_accepted(world: World) -> None:
     node, _ = await RawNode.join(world.hub)
     offer = await node.take_offer()
     assert offer.digest == world.digest
     assert [f.name for f in offer.files] == ["data.bin"]
-    node.send(result_for(offer))
+    node.send(result_for(node, offer))
     ack = await node.expect(ResultAck)
     assert (ack.lease, ack.accepted, ack.reason) == (offer.lease, True, None)
     assert world.hub.task_row(world.task_pk) == ("C", 1)
@@ -305,13 +311,13 @@ async def test_a_correctly_signed_result_is_accepted(world: World) -> None:
     node.close()
 
 
-async def test_a_result_altered_after_signing_is_refused_and_the_task_given_back(
+async def test_a_result_altered_after_its_mac_is_refused_and_the_task_given_back(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     node, _ = await RawNode.join(world.hub)
     offer = await node.take_offer()
-    # The node signed ANSWER; a relay changed one number on the way.
-    forged = result_for(offer, {**ANSWER, "ratio": 0.5}, signed_answer=ANSWER)
+    # The node authenticated ANSWER; a relay changed one number on the way.
+    forged = result_for(node, offer, {**ANSWER, "ratio": 0.5}, signed_answer=ANSWER)
     with caplog.at_level("WARNING", logger="hub.session"):
         node.send(forged)
         await assert_refused_as_relayed(node, world, offer.lease)
@@ -322,7 +328,7 @@ async def test_a_result_altered_after_signing_is_refused_and_the_task_given_back
     node, _ = await RawNode.join(world.hub)
     again = await node.take_offer()
     assert again.task == "t-1" and again.lease != offer.lease
-    node.send(result_for(again))
+    node.send(result_for(node, again))
     assert (await node.expect(ResultAck)).accepted
     assert world.hub.task_row(world.task_pk) == ("C", 1)
     node.close()
@@ -332,29 +338,40 @@ async def test_a_result_over_another_input_than_offered_is_refused(world: World)
     node, _ = await RawNode.join(world.hub)
     offer = await node.take_offer()
     assert offer.input == {"n": 10, "opts": {"b": 2.5, "a": [1, "x"]}}
-    # The hub offered n=10; the node received (and signed over) n=11.
-    node.send(result_for(offer, signed_input={"n": 11, "opts": {"b": 2.5, "a": [1, "x"]}}))
+    # The hub offered n=10; the node received (and authenticated) n=11.
+    node.send(result_for(node, offer, signed_input={"n": 11, "opts": {"b": 2.5, "a": [1, "x"]}}))
     await assert_refused_as_relayed(node, world, offer.lease)
 
 
 async def test_a_result_over_another_bundle_or_input_file_is_refused(world: World) -> None:
     node, _ = await RawNode.join(world.hub)
     offer = await node.take_offer()
-    node.send(result_for(offer, signed_digest="0" * 64))
+    node.send(result_for(node, offer, signed_digest="0" * 64))
     await assert_refused_as_relayed(node, world, offer.lease)
 
     node, _ = await RawNode.join(world.hub)
     offer = await node.take_offer()
     swapped = dataclasses.replace(offer, files=[])  # the node was told of no input file
-    forged = dataclasses.replace(result_for(swapped), lease=offer.lease)
+    forged = dataclasses.replace(result_for(node, swapped), lease=offer.lease)
     node.send(forged)
     await assert_refused_as_relayed(node, world, offer.lease)
 
 
-async def test_a_result_with_no_signature_is_refused(world: World) -> None:
+async def test_a_result_with_no_mac_is_refused(world: World) -> None:
     node, _ = await RawNode.join(world.hub)
     offer = await node.take_offer()
-    node.send(dataclasses.replace(result_for(offer), signature=b""))
+    node.send(dataclasses.replace(result_for(node, offer), mac=b""))
+    await assert_refused_as_relayed(node, world, offer.lease)
+
+
+async def test_a_result_under_another_connections_key_is_refused(world: World) -> None:
+    # The key is the connection's: a MAC made under an earlier connection's key (one that
+    # something in the middle might have learnt) counts for nothing on this one.
+    earlier, _ = await RawNode.join(world.hub)
+    node, _ = await RawNode.join(world.hub)  # the same node again: the earlier is closed
+    assert node.result_key != earlier.result_key
+    offer = await node.take_offer()
+    node.send(result_for(earlier, offer))
     await assert_refused_as_relayed(node, world, offer.lease)
 
 
@@ -363,10 +380,10 @@ async def test_a_result_for_a_finished_task_is_acknowledged_without_a_check(
 ) -> None:
     node, _ = await RawNode.join(world.hub)
     offer = await node.take_offer()
-    node.send(result_for(offer))
+    node.send(result_for(node, offer))
     assert (await node.expect(ResultAck)).accepted
-    # Sent again (the ack was lost) with garbage for a signature: nothing to protect.
-    node.send(dataclasses.replace(result_for(offer), signature=b"\x00" * 64))
+    # Sent again (the ack was lost) with garbage for a MAC: nothing to protect.
+    node.send(dataclasses.replace(result_for(node, offer), mac=b"\x00" * 32))
     ack = await node.expect(ResultAck)
     assert (ack.accepted, ack.reason) == (
         False,
@@ -381,12 +398,12 @@ async def test_a_result_for_another_nodes_lease_is_left_to_the_scheduler(world: 
     node, _ = await RawNode.join(world.hub)
     offer = await node.take_offer()
     other, _ = await RawNode.join(world.hub, key=OTHER_KEY)
-    other.send(dataclasses.replace(result_for(offer), signature=b""))
+    other.send(dataclasses.replace(result_for(node, offer), mac=b""))
     ack = await other.expect(ResultAck)
     assert (ack.accepted, ack.reason) == (False, "lease held by another node")
     await still_connected(other)
     # The holder's lease is untouched, and its honest result counts.
-    node.send(result_for(offer))
+    node.send(result_for(node, offer))
     assert (await node.expect(ResultAck)).accepted
     other.close()
     node.close()
@@ -409,7 +426,7 @@ async def test_after_a_restart_the_offer_is_rebuilt_from_the_store(world: World)
     node, welcome = await RawNode.join(world.hub, leases=[offer.lease])
     assert welcome.resumed == [offer.lease]
     # Signed over the new bundle (what a relay swapping bundles would make the node run):
-    node.send(result_for(offer, signed_digest=world.hub.runtime.scheduler.projects[1].digest))
+    node.send(result_for(node, offer, signed_digest=world.hub.runtime.scheduler.projects[1].digest))
     await assert_refused_as_relayed(node, world, offer.lease)
 
 
@@ -426,7 +443,7 @@ async def test_after_a_restart_an_honest_result_still_counts(world: World) -> No
 
     node, welcome = await RawNode.join(world.hub, leases=[offer.lease])
     assert welcome.resumed == [offer.lease]
-    node.send(result_for(offer))  # over bundle v1, as offered
+    node.send(result_for(node, offer))  # over bundle v1, as offered
     ack = await node.expect(ResultAck)
     assert (ack.lease, ack.accepted) == (offer.lease, True), ack.reason
     assert world.hub.task_row(world.task_pk) == ("C", 1)

@@ -21,7 +21,6 @@ from scripted_hub import HubSide, listen, node_config, signed_bundle
 
 from issc.config import load_node_config
 from issc.errors import AuthError
-from issc.keys import parse_public_key
 from issc.nodeauth import node_id_for
 from issc.protocol import (
     Accept,
@@ -40,7 +39,7 @@ from issc.protocol import (
     Upload,
     UploadAck,
 )
-from issc.resultsig import given_of, returned_of, verify_result
+from issc.resultmac import check_result_mac, given_of, returned_of, transcript_digest
 from node.client import NodeClient
 
 pytestmark = pytest.mark.timeout(30)
@@ -174,9 +173,10 @@ async def test_an_input_that_fails_its_digest_twice_fails_the_task_naming_the_fi
     await spool_drained(setup)
 
 
-def check_signed(hello: Hello, offer: TaskOffer, result: Result) -> None:
-    """Raise AuthError unless ``result`` is signed by the hello's key over ``offer`` (as the
-    hub rebuilds it from what it offered) and the result as it arrived."""
+def check_authenticated(key: bytes, hello: Hello, offer: TaskOffer, result: Result) -> None:
+    """Raise AuthError unless ``result`` carries the HMAC, under the connection's result
+    ``key``, of ``offer`` (as the hub rebuilds it from what it offered) and the result as
+    it arrived."""
     given = given_of(offer.lease, offer.project, offer.task, offer.digest, offer.input, offer.files)
     returned = returned_of(
         result.ok,
@@ -186,11 +186,11 @@ def check_signed(hello: Hello, offer: TaskOffer, result: Result) -> None:
         result.wall_seconds,
         result.files,
     )
-    key = parse_public_key(hello.public_key)
-    verify_result(key, result.signature, node_id_for(hello.public_key), given, returned)
+    digest = transcript_digest(node_id_for(hello.public_key), given, returned)
+    check_result_mac(key, result.mac, digest)
 
 
-async def test_the_result_is_signed_spooled_with_its_signature_and_resent_alike(
+async def test_the_result_is_authenticated_spooled_with_its_digest_and_resent_alike(
     setup: Setup,
 ) -> None:
     hub = await setup.connections.get()
@@ -205,13 +205,15 @@ async def test_the_result_is_signed_spooled_with_its_signature_and_resent_alike(
     hub.send(UploadAck(lease=1, name=probe.name, received=probe.size))  # held already
     result = await hub.expect(Result)
     assert result.ok, result.error
-    check_signed(hello, setup.offer, result)
+    check_authenticated(hub.result_key, hello, setup.offer, result)
     with pytest.raises(AuthError):  # a relay changing the result would be caught
-        check_signed(hello, setup.offer, replace(result, result={"copied": 1}))
+        check_authenticated(hub.result_key, hello, setup.offer, replace(result, result={"c": 1}))
     with pytest.raises(AuthError):  # ... and so would one that had changed the input
-        check_signed(hello, replace(setup.offer, input={"n": 1}), result)
+        check_authenticated(hub.result_key, hello, replace(setup.offer, input={"n": 1}), result)
+    with pytest.raises(AuthError):  # ... and the key is the connection's alone
+        check_authenticated(b"k" * 32, hello, setup.offer, result)
     record = setup.client.spool.load(1)
-    assert record is not None and record["signature"] == result.signature.hex()
+    assert record is not None and len(bytes.fromhex(record["transcript"])) == 32
     hub.close()  # the ack is lost
 
     hub = await setup.connections.get()
@@ -220,8 +222,9 @@ async def test_the_result_is_signed_spooled_with_its_signature_and_resent_alike(
     probe = await hub.expect(Upload)
     hub.send(UploadAck(lease=1, name=probe.name, received=probe.size))
     again = await hub.expect(Result)
-    assert again == result  # same result, same signature
-    check_signed(hello, setup.offer, again)
+    assert replace(again, mac=b"") == replace(result, mac=b"")  # the same result ...
+    assert again.mac != result.mac  # ... under this connection's key
+    check_authenticated(hub.result_key, hello, setup.offer, again)
     hub.send(ResultAck(lease=1, accepted=True, reason=None))
     await spool_drained(setup)
 

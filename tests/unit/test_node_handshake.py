@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from issc.config import load_node_config
-from issc.nodeauth import Claim, new_nonce, verify_proof
+from issc.nodeauth import Claim, Exchange, new_kex, new_nonce, verify_proof
 from issc.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -28,6 +28,8 @@ from issc.protocol import (
     Welcome,
 )
 from node.client import FatalNodeError, NodeClient
+
+HUB_KEX = new_kex()[1]  # the scripted hub's key exchange value
 
 
 @dataclass
@@ -90,11 +92,13 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         server.close()
 
 
-async def challenged(setup: Setup, nonce: bytes) -> tuple[HubSide, Hello, Message]:
+async def challenged(
+    setup: Setup, nonce: bytes, kex: bytes = HUB_KEX
+) -> tuple[HubSide, Hello, Message]:
     hub = await asyncio.wait_for(setup.connections.get(), 10)
     hello = await hub.next()
     assert isinstance(hello, Hello)
-    hub.send(Challenge(nonce=nonce))
+    hub.send(Challenge(nonce=nonce, kex=kex))
     return hub, hello, await hub.next()
 
 
@@ -108,7 +112,8 @@ async def test_the_node_proves_its_key_and_its_claim(setup: Setup) -> None:
         identity.public_key,
     )
     assert isinstance(proof, Proof)
-    verify_proof(nonce, Claim("alice", identity.public_key, "issc-tok"), proof.signature)
+    exchange = Exchange(nonce, HUB_KEX, proof.kex)
+    verify_proof(exchange, Claim("alice", identity.public_key, "issc-tok"), proof.signature)
     hub.send(
         Welcome(
             protocol=PROTOCOL_VERSION,
@@ -138,6 +143,15 @@ async def test_a_short_nonce_is_refused_unsigned(setup: Setup) -> None:
     assert isinstance(answer, Error), answer
     assert answer.code == ErrorCode.PROTOCOL and "32 bytes" in answer.message
     # Not fatal: the node tries again on a new connection.
+    again = await asyncio.wait_for(setup.connections.get(), 10)
+    assert isinstance(await again.next(), Hello)
+
+
+async def test_a_key_exchange_value_of_small_order_is_refused_unsigned(setup: Setup) -> None:
+    # Its secret would be all zeros: whoever sent it could read every result key.
+    _, _, answer = await challenged(setup, new_nonce(), kex=bytes(32))
+    assert isinstance(answer, Error), answer
+    assert answer.code == ErrorCode.PROTOCOL and answer.message.startswith("challenge:")
     again = await asyncio.wait_for(setup.connections.get(), 10)
     assert isinstance(await again.next(), Hello)
 

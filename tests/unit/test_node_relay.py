@@ -147,9 +147,9 @@ async def open_peer(setup: Setup) -> Peer:
     peer = await Peer.connect(setup)
     peer.send(hello())
     await wait_for(lambda: relayed_messages(setup, 1))
-    from_hub(setup, 1, Challenge(nonce=b"n" * 32))
+    from_hub(setup, 1, Challenge(nonce=b"n" * 32, kex=b"k" * 32))
     assert isinstance(await peer.next(), Challenge)
-    peer.send(Proof(signature=b"s" * 64))
+    peer.send(Proof(signature=b"s" * 64, kex=b"x" * 32))
     await wait_for(lambda: len(relayed_messages(setup, 1)) == 2)
     welcome = Welcome(
         protocol=PROTOCOL_VERSION,

@@ -81,8 +81,8 @@ HELLO = Hello(
     slots=2,
     leases=[7, 9],
 )
-CHALLENGE = Challenge(nonce=bytes(range(32)))
-PROOF = Proof(signature=b"\x01" * 64)
+CHALLENGE = Challenge(nonce=bytes(range(32)), kex=bytes(range(32, 64)))
+PROOF = Proof(signature=b"\x01" * 64, kex=b"\x03" * 32)
 WELCOME = Welcome(
     protocol=PROTOCOL_VERSION,
     node_id="n-3f2a0b1c",
@@ -101,7 +101,7 @@ RESULT = Result(
     cpu_seconds=0.41,
     wall_seconds=0.5,
     files=[FileRef(name="counts.json", sha256=DIGEST, size=120)],
-    signature=b"\x02" * 64,
+    mac=b"\x02" * 32,
 )
 
 OFFER = Offer(

@@ -12,13 +12,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from issc.errors import AuthError
 from issc.protocol import FileRef, Message, Result, TaskOffer, Upload, UploadAck
-from issc.resultsig import given_of, returned_of, verify_result
+from issc.resultmac import (
+    Given,
+    Returned,
+    check_result_mac,
+    given_of,
+    returned_of,
+    transcript_digest,
+)
 from node.identity import NodeIdentity
-from node.upload import Uploader, given_record, result_message, sign_record
+from node.upload import Uploader, given_record, result_message, seal_record
 
 CHUNK = 1000
 LEASE = 7
 IDENTITY = NodeIdentity._of(Ed25519PrivateKey.from_private_bytes(b"\x41" * 32), Path("node.key"))
+KEY = b"\x42" * 32  # the connection's result key
 OFFER = TaskOffer(
     lease=LEASE,
     project="p",
@@ -37,7 +45,7 @@ class Link:
     def __init__(self, uploader: Uploader) -> None:
         self.uploader = uploader
         self.sent: list[Message] = []
-        uploader.attach(self.sent.append)
+        uploader.attach(self.sent.append, KEY)
 
     def ack(self, name: str, received: int, lease: int = LEASE) -> None:
         self.uploader.on_ack(UploadAck(lease=lease, name=name, received=received))
@@ -89,7 +97,7 @@ def make_record(files_dir: Path, names: tuple[str, ...] = ("big.bin", "small.txt
         "files": entries,
         "given": given_record(OFFER),
     }
-    sign_record(IDENTITY, record)
+    seal_record(IDENTITY.node_id, record)
     return record
 
 
@@ -99,11 +107,25 @@ def refs(record: Any) -> list[FileRef]:
 
 @pytest.fixture
 def uploader() -> Uploader:
-    return Uploader(chunk_size=CHUNK, max_setbacks=3, signer=IDENTITY)
+    return Uploader(chunk_size=CHUNK, max_setbacks=3, node_id=IDENTITY.node_id)
+
+
+def given_and_returned(result: Result) -> tuple[Given, Returned]:
+    given = given_of(LEASE, "p", "t-1", OFFER.digest, OFFER.input, OFFER.files)
+    returned = returned_of(
+        result.ok,
+        result.result,
+        result.error,
+        result.cpu_seconds,
+        result.wall_seconds,
+        result.files,
+    )
+    return given, returned
 
 
 def verify(result: Message) -> None:
-    """Raise AuthError unless ``result`` is IDENTITY's signed result for OFFER, as sent."""
+    """Raise AuthError unless ``result`` is IDENTITY's result for OFFER, as sent,
+    authenticated with KEY."""
     assert isinstance(result, Result)
     given = given_of(LEASE, "p", "t-1", OFFER.digest, OFFER.input, OFFER.files)
     returned = returned_of(
@@ -114,7 +136,7 @@ def verify(result: Message) -> None:
         result.wall_seconds,
         result.files,
     )
-    verify_result(IDENTITY.key.public_key(), result.signature, IDENTITY.node_id, given, returned)
+    check_result_mac(KEY, result.mac, transcript_digest(IDENTITY.node_id, given, returned))
 
 
 def test_probe_then_chunks_then_the_result_listing_the_files(
@@ -141,7 +163,10 @@ def test_probe_then_chunks_then_the_result_listing_the_files(
     assert sent[0].files == refs(record)
     assert (sent[0].ok, sent[0].result, sent[0].lease) == (True, {"words": 3}, LEASE)
     verify(sent[0])
-    assert sent[0].signature.hex() == record["signature"]
+    assert (
+        transcript_digest(IDENTITY.node_id, *given_and_returned(sent[0])).hex()
+        == record["transcript"]
+    )
 
 
 def test_files_the_hub_already_holds_are_not_sent_again(tmp_path: Path, uploader: Uploader) -> None:
@@ -230,7 +255,7 @@ def test_a_hub_that_keeps_refusing_the_bytes_gets_a_failed_result(
     assert len(sent) == 1 and isinstance(sent[0], Result)
     assert sent[0].ok is False and sent[0].files == [] and sent[0].result is None
     assert "output file big.bin could not be uploaded" in (sent[0].error or "")
-    verify(sent[0])  # signed anew: the failure is the node's word too
+    verify(sent[0])  # digested anew: the failure is the node's word too
     link.ack("big.bin", 0)
     assert link.sent == []
 
@@ -259,25 +284,36 @@ def test_an_acknowledged_result_is_forgotten(tmp_path: Path, uploader: Uploader)
     assert link.sent == []
 
 
-def test_a_signed_record_survives_the_spool_and_a_tampered_one_does_not_verify(
+def test_a_sealed_record_survives_the_spool_and_a_tampered_one_does_not_verify(
     tmp_path: Path,
 ) -> None:
     record = make_record(tmp_path / "out", names=())
     spooled = json.loads(json.dumps(record))  # what a restarted node reads back
-    message = result_message(spooled)
+    message = result_message(spooled, KEY)
     verify(message)
-    assert message == result_message(record)
+    assert message == result_message(record, KEY)
     with pytest.raises(AuthError):
-        verify(result_message({**spooled, "result": {"words": 4}}))
+        verify(result_message({**spooled, "result": {"words": 4}}, KEY))
     with pytest.raises(AuthError):
-        verify(result_message({**spooled, "cpu_seconds": 0.25}))
+        verify(result_message({**spooled, "cpu_seconds": 0.25}, KEY))
 
 
-def test_a_record_spooled_before_signatures_goes_unsigned(
+def test_a_record_spooled_without_what_was_given_goes_without_a_mac(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     record = make_record(tmp_path / "out", names=())
-    del record["signature"], record["given"]
-    message = result_message(record)
-    assert isinstance(message, Result) and message.signature == b""
-    assert "no signature" in caplog.text
+    del record["transcript"], record["given"]
+    message = result_message(record, KEY)
+    assert isinstance(message, Result) and message.mac == b""
+    assert "no transcript digest" in caplog.text
+
+
+def test_a_record_spooled_by_an_older_node_is_digested_when_sent(
+    tmp_path: Path, uploader: Uploader
+) -> None:
+    link = Link(uploader)
+    record = make_record(tmp_path / "out", names=())
+    del record["transcript"]
+    record["signature"] = "00" * 64  # what results carried before
+    uploader.submit(record, tmp_path / "out")
+    verify(link.take()[0])

@@ -1,11 +1,15 @@
-"""What a node signs when it sends a result, so nothing between it and the hub can alter it.
+"""How a result is authenticated, so nothing between the node and the hub can alter it.
 
 A relay (or anyone in the path before TLS) could change a task's input on its way to a
-node, or the result on its way back. The node therefore signs, with its own key, a
-transcript of what it was given and what it returns; the hub rebuilds the "given" half
-from what it offered and checks the signature against the node's enrolled key. Any
-change to the task, bundle digest, input, input files, result, error, times or output
-files makes the check fail.
+node, or the result on its way back. The node therefore authenticates a transcript of
+what it was given and what it returns with an HMAC under its connection's result key
+(issc.nodeauth.result_key, which only the node and the hub hold); the hub rebuilds the
+"given" half from what it offered and checks the HMAC. Any change to the task, bundle
+digest, input, input files, result, error, times or output files makes the check fail.
+
+The HMAC is over the transcript's SHA-256 (``transcript_digest``), so that a node keeps
+that digest with its spooled result, computed once, and authenticates it anew on every
+connection it sends the result over.
 
 JSON values enter the transcript as the SHA-256 of their canonical JSON (sorted keys,
 no spaces, UTF-8), so the node and the hub agree on the bytes whatever order a map's
@@ -15,18 +19,19 @@ keys travelled in.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgpack
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from issc.errors import AuthError
 
-DOMAIN = b"issc-result-v1\x00"  # like issc-node-auth-v1 and issc-bundle-v1
-"""Prefix of every transcript: a result signature is never valid as anything else."""
+DOMAIN = b"issc-result-v2\x00"  # like issc-node-auth-v2 and issc-bundle-v1
+"""Prefix of every transcript: a result's HMAC is never valid for anything else."""
+MAC_BYTES = 32
+"""Length of ``result.mac`` (HMAC-SHA256)."""
 
 
 def json_digest(value: object) -> str:
@@ -71,7 +76,7 @@ class Returned:
 
 
 def transcript(node_id: str, given: Given, returned: Returned) -> bytes:
-    """The bytes a node signs for one result."""
+    """The bytes that stand for one result (their SHA-256 is authenticated)."""
     body = [
         node_id,
         given.lease,
@@ -137,19 +142,24 @@ def returned_of(
     return Returned(ok, digest, error, cpu_seconds, wall_seconds, files_of(files))
 
 
-def sign_result(key: Ed25519PrivateKey, node_id: str, given: Given, returned: Returned) -> bytes:
-    """The node's signature over one result."""
-    return key.sign(transcript(node_id, given, returned))
+def transcript_digest(node_id: str, given: Given, returned: Returned) -> bytes:
+    """SHA-256 of the transcript of one result.
+
+    Raises:
+        ValueError: a string in it is not UTF-8 (a lone surrogate): it could not travel.
+    """
+    return hashlib.sha256(transcript(node_id, given, returned)).digest()
 
 
-def verify_result(
-    public_key: Ed25519PublicKey, signature: bytes, node_id: str, given: Given, returned: Returned
-) -> None:
-    """Raise AuthError unless ``signature`` is the node's over exactly this result."""
-    try:
-        public_key.verify(signature, transcript(node_id, given, returned))
-    except InvalidSignature:
+def result_mac(key: bytes, digest: bytes) -> bytes:
+    """The ``result.mac`` of a result whose transcript_digest is ``digest``."""
+    return hmac.digest(key, digest, "sha256")
+
+
+def check_result_mac(key: bytes, mac: bytes, digest: bytes) -> None:
+    """Raise AuthError unless ``mac`` is the HMAC of ``digest`` under ``key``."""
+    if not hmac.compare_digest(result_mac(key, digest), mac):
         raise AuthError(
-            "the result's signature does not match what the hub offered and the node "
+            "the result's HMAC does not match what the hub offered and the node "
             "returned (altered on the way)"
-        ) from None
+        )
