@@ -60,6 +60,7 @@ class Store(SchedulerStore, EnrollmentStore, InboxStore, OutboxStore, AdminStore
             raise StoreError(f"cannot create the schema: {exc}") from None
 
     def close(self) -> None:
+        self.release_held()
         self.engine.dispose()
 
     def probe(self, now: float) -> None:

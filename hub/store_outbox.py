@@ -89,7 +89,7 @@ class OutboxStore(StoreBase):
     """Part of ``Store``: the outbox's bookkeeping."""
 
     def unexported(self, limit: int) -> list[FinishedTask]:
-        with self.engine.connect() as conn:
+        with self.held_transaction() as conn:
             rows = select_in(conn, _unexported, _FINAL, {"limit": limit})
             tasks = [FinishedTask(*row) for row in rows]
             leases = [t.lease for t in tasks if t.state == "C" and t.lease is not None]
@@ -109,7 +109,7 @@ class OutboxStore(StoreBase):
 
     def mark_exported(self, project: str, pks: Sequence[int], committed_size: int) -> None:
         """Record that results.jsonl holds these tasks and is ``committed_size`` bytes long."""
-        with self.engine.begin() as conn:
+        with self.held_transaction() as conn:
             project_id = conn.execute(_PROJECT_ID, {"project": project}).scalar_one()
             for chunk in chunks(pks):
                 update_in(conn, _mark_exported, chunk, {"exported": True})

@@ -232,7 +232,7 @@ class SchedulerStore(StoreBase):
         the scheduler changed them, so the last change of a row wins.
         """
         try:
-            with self.engine.begin() as conn:
+            with self.held_transaction() as conn:
                 offered = [
                     {"id": c.lease, "task_id": c.task_pk, "node_id": c.node_id, "offered_at": c.at}
                     for c in changes
