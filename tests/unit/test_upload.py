@@ -111,6 +111,7 @@ def uploader() -> Uploader:
 
 
 def given_and_returned(result: Result) -> tuple[Given, Returned]:
+    """What the hub would rebuild for IDENTITY's ``result`` of OFFER."""
     given = given_of(LEASE, "p", "t-1", OFFER.digest, OFFER.input, OFFER.files)
     returned = returned_of(
         result.ok,
@@ -127,16 +128,8 @@ def verify(result: Message) -> None:
     """Raise AuthError unless ``result`` is IDENTITY's result for OFFER, as sent,
     authenticated with KEY."""
     assert isinstance(result, Result)
-    given = given_of(LEASE, "p", "t-1", OFFER.digest, OFFER.input, OFFER.files)
-    returned = returned_of(
-        result.ok,
-        result.result,
-        result.error,
-        result.cpu_seconds,
-        result.wall_seconds,
-        result.files,
-    )
-    check_result_mac(KEY, result.mac, transcript_digest(IDENTITY.node_id, given, returned))
+    digest = transcript_digest(IDENTITY.node_id, *given_and_returned(result))
+    check_result_mac(KEY, result.mac, digest)
 
 
 def test_probe_then_chunks_then_the_result_listing_the_files(
