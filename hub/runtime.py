@@ -114,7 +114,7 @@ class HubRuntime:
         self.uploads = UploadArea(config.data_dir / "uploads", self.files)
         self._declared: dict[int, dict[str, int]] = {}  # lease -> output name -> size
         self._sweep_uploads = True  # the next finished task sweeps what earlier runs left
-        # What each lease's offer held, per task: a result's signature is checked against
+        # What each lease's offer held, per task: a result's MAC is checked against
         # it. Kept while the task is unfinished (a late result of an ended lease may still
         # count), dropped when it finishes; after a restart, rebuilt from the store on demand.
         # A tuple: the candidates (one, unless rebuilt: see _offered_under).

@@ -1,8 +1,8 @@
 """Quorum validation and spot checks end to end: one node of three is a cheater.
 
 Real hub and node processes (see e2e_harness.py). The cheater is ``cheating_node.py``: an
-ordinary issc-node whose every successful result is off by one, signed with its own key
-(so nothing on the wire gives it away). What each test shows:
+ordinary issc-node whose every successful result is off by one, authenticated with its own
+connection's key (so nothing on the wire gives it away). What each test shows:
 
 * ``quorum: 2``, three volunteers, one of them the cheater: every task lands in the
   outbox exactly once, C, with its true result; the cheater's volunteer is untrusted,
